@@ -1,0 +1,74 @@
+"""``create_app(settings)``: the collector and the query API in one FastAPI process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from runwatch.api.routes import runs as run_queries
+from runwatch.api.routes import series
+from runwatch.collector import error_handlers
+from runwatch.collector.limits import BodyLimit
+from runwatch.collector.routes import health, ingest
+from runwatch.collector.routes import runs as run_lifecycle
+from runwatch.collector.storage import migrate
+from runwatch.collector.storage.keys import any_active_key
+from runwatch.collector.storage.store import Store
+from runwatch.collector.telemetry import Telemetry
+
+import runwatch
+from runwatch.db import make_engine
+from runwatch.settings import Settings
+
+log = logging.getLogger("runwatch.collector")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; the database is migrated to the newest schema when it starts."""
+    telemetry = Telemetry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.db)
+        migrate.upgrade(engine)
+        store = Store(engine)
+        app.state.store = store
+        with store.read() as conn:
+            open_server = not any_active_key(conn)
+        if open_server:
+            log.warning(
+                "no API keys configured: the server is open to anyone who can reach %s "
+                "(loopback only); create keys with 'runwatch keys create'",
+                settings.host,
+            )
+        try:
+            yield
+        finally:
+            store.dispose()
+
+    app = FastAPI(
+        title="runwatch",
+        version=runwatch.__version__,
+        summary="Collector and query API for watched training runs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.telemetry = telemetry
+    error_handlers.install(app)
+
+    def count_oversized(path: str) -> None:
+        if path == error_handlers.INGEST_PATH:
+            telemetry.rejected.labels("payload_too_large").inc()
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, on_reject=count_oversized)
+    for router in (
+        ingest.router,
+        run_lifecycle.router,
+        run_queries.router,
+        series.router,
+        health.router,
+    ):
+        app.include_router(router)
+    return app

@@ -1,0 +1,69 @@
+"""``POST /api/v1/ingest``: one batch of points from one rank, stored exactly once."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from runwatch.api.auth import Principal
+from runwatch.api.deps import IngestAuth, SettingsDep, StoreDep, TelemetryDep
+from runwatch.api.schemas import IngestReply
+from runwatch.collector.batch import decode_body, parse_batch
+from runwatch.collector.storage.points import write_batch
+from runwatch.collector.storage.store import Store
+from runwatch.collector.telemetry import Telemetry
+from starlette.concurrency import run_in_threadpool
+
+from runwatch.wire import JSON, MSGPACK
+
+router = APIRouter(prefix="/api/v1", tags=["ingest"])
+
+BATCH_DOC = f"""Body: a map ``{{run, rank, seq, points, heartbeat?}}`` in {MSGPACK} or {JSON};
+``points`` is an array of ``[step, wall_time, key, value]``. In JSON, NaN and
+infinities are the strings "NaN", "Infinity", "-Infinity". A batch whose
+``(run, rank, seq)`` was already stored is acknowledged with ``duplicate: true``
+and stores nothing."""
+
+
+@router.post(
+    "/ingest",
+    response_model=IngestReply,
+    summary="Store a batch of points",
+    description=BATCH_DOC,
+    responses={400: {}, 401: {}, 404: {}, 413: {}, 415: {}, 422: {}},
+)
+async def ingest(
+    request: Request,
+    principal: IngestAuth,
+    store: StoreDep,
+    settings: SettingsDep,
+    telemetry: TelemetryDep,
+) -> IngestReply:
+    started = time.perf_counter()
+    body = await request.body()
+    content_type = request.headers.get("content-type", "")
+    reply = await run_in_threadpool(
+        _ingest, body, content_type, principal, store, telemetry, settings.max_points_per_batch
+    )
+    telemetry.ingest_latency.observe(time.perf_counter() - started)
+    return reply
+
+
+def _ingest(
+    body: bytes,
+    content_type: str,
+    principal: Principal,
+    store: Store,
+    telemetry: Telemetry,
+    max_points: int,
+) -> IngestReply:
+    batch = parse_batch(decode_body(body, content_type), max_points=max_points)
+    principal.check_run(store, batch.run)
+    with telemetry.db_write.time():
+        result = write_batch(store, batch)
+    if result.stored:
+        telemetry.batches.labels("stored").inc()
+        telemetry.points.inc(result.n_points)
+    else:
+        telemetry.batches.labels("duplicate").inc()
+    return IngestReply(accepted=result.n_points, duplicate=not result.stored)

@@ -1,0 +1,110 @@
+"""The collector's tables. Times are Unix seconds (float), the unit the agent sends.
+
+``points`` is deliberately narrow: one row per observation, keyed by an
+integer series id, so a batch insert is a single executemany (SQLite) or COPY
+(PostgreSQL) and a range query on one series walks one index. NaN is stored
+as NULL in ``points.value`` and ``series.last_value`` because SQLite cannot
+store NaN (it silently turns it into NULL anyway); +/-Inf are stored natively
+by both databases. :mod:`runwatch.collector.storage.points` converts both ways.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from runwatch.db import metadata
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("created_at", Double, nullable=False),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(256), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("config", Text, nullable=False, server_default="{}"),
+    Column("created_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("heartbeat_at", Double),
+    Column("finished_at", Double),
+    UniqueConstraint("project_id", "name", name="uq_runs_project_id_name"),
+    Index("ix_runs_project_id_state", "project_id", "state"),
+)
+
+run_tags = Table(
+    "run_tags",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("tag", String(128), nullable=False),
+    PrimaryKeyConstraint("run_id", "tag"),
+    Index("ix_run_tags_tag", "tag"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("key", String(256), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("n_points", BigInteger, nullable=False, server_default="0"),
+    Column("first_step", BigInteger),
+    Column("last_step", BigInteger),
+    Column("last_wall_time", Double),
+    Column("last_value", Double),
+    UniqueConstraint("run_id", "key", "rank", name="uq_series_run_id_key_rank"),
+)
+
+points = Table(
+    "points",
+    metadata,
+    Column("series_id", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("wall_time", Double, nullable=False),
+    Column("value", Double),
+    Index("ix_points_series_id_step", "series_id", "step"),
+    Index("ix_points_series_id_wall_time", "series_id", "wall_time"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("received_at", Double, nullable=False),
+    Column("n_points", Integer, nullable=False),
+    PrimaryKeyConstraint("run_id", "rank", "seq"),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("prefix", String(16), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("scopes", String(64), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("revoked_at", Double),
+)

@@ -1,0 +1,73 @@
+"""Collector settings: one class, read from ``RUNWATCH_*`` variables and CLI flags.
+
+Only the server imports this module (pydantic-settings is a server extra).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DB_URL = "sqlite:///./runwatch.db"
+
+
+class Settings(BaseSettings):
+    """Everything the collector needs to start. Bad values fail at start-up, not later."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNWATCH_", extra="ignore")
+
+    db: str = Field(DEFAULT_DB_URL, description="SQLAlchemy URL of the database.")
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Largest request body accepted (HTTP 413 beyond)."
+    )
+    max_points_per_batch: int = Field(
+        100_000, gt=0, description="Most points one ingest batch may carry."
+    )
+    log_level: str = Field("info", description="Log level of the server.")
+
+    @field_validator("db")
+    @classmethod
+    def _db_is_a_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {value!r} ({exc})") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError(
+                f"unsupported database {url.get_backend_name()!r}: use sqlite or postgresql"
+            )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        levels = ("critical", "error", "warning", "info", "debug", "trace")
+        if value.lower() not in levels:
+            raise ValueError(f"log_level must be one of {', '.join(levels)}")
+        return value.lower()
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when ``host`` only accepts connections from this machine."""
+        return is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and names that resolve only to them (``localhost``)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
