@@ -1,0 +1,399 @@
+"""The ``runwatch`` command.
+
+Server-side verbs (``server``, ``db``, ``keys``) talk to the database directly
+and need ``runwatch[server]``; the query verbs (``runs``, ``metrics``) go
+through the HTTP API with ``--server``/``RUNWATCH_SERVER`` and
+``--api-key``/``RUNWATCH_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import click
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from runwatch.client import Client, ClientError
+
+if TYPE_CHECKING:
+    from runwatch.settings import Settings
+
+SCOPE_NAMES = ("ingest", "read", "operate", "admin")
+out = Console(highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="runwatch")
+def main() -> None:
+    """runwatch: watch long training runs, catch trouble early, act on it."""
+
+
+# -- server side ----------------------------------------------------------------
+def _settings(**flags: Any) -> Settings:
+    try:
+        from pydantic import ValidationError
+
+        from runwatch.settings import Settings
+    except ImportError:
+        raise click.ClickException(
+            "this command needs the server extras: pip install 'runwatch[server]'"
+        ) from None
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise click.ClickException(f"bad settings: {problems}") from None
+
+
+@contextmanager
+def _store(db: str | None) -> Iterator[Any]:
+    from runwatch.collector.storage import migrate
+    from runwatch.collector.storage.store import Store
+    from runwatch.db import make_engine
+
+    settings = _settings(db=db)
+    store = Store(make_engine(settings.db))
+    try:
+        migrate.upgrade(store.engine)
+        yield store
+    finally:
+        store.dispose()
+
+
+def _domain_errors(fn: Callable[..., None]) -> Callable[..., None]:
+    """Show domain errors and unreachable databases as one line, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            from sqlalchemy.exc import OperationalError
+
+            from runwatch.collector.errors import RunwatchError
+        except ImportError:
+            raise click.ClickException(
+                "this command needs the server extras: pip install 'runwatch[server]'"
+            ) from None
+        try:
+            fn(*args, **kwargs)
+        except RunwatchError as exc:
+            raise click.ClickException(exc.message) from None
+        except OperationalError as exc:
+            raise click.ClickException(f"cannot use the database: {exc.orig}") from None
+
+    return wrapper
+
+
+db_option = click.option(
+    "--db", help="Database URL [env RUNWATCH_DB; default sqlite:///./runwatch.db]"
+)
+
+
+@main.command()
+@db_option
+@click.option("--host", help="Address to bind [env RUNWATCH_HOST; default 127.0.0.1].")
+@click.option("--port", type=int, help="Port [env RUNWATCH_PORT; default 8000].")
+@click.option("--log-level", help="critical|error|warning|info|debug [env RUNWATCH_LOG_LEVEL].")
+@_domain_errors
+def server(db: str | None, host: str | None, port: int | None, log_level: str | None) -> None:
+    """Run the collector and query API (migrates the database first)."""
+    from runwatch.collector.server import RefusedToStart, safe_url, serve
+
+    settings = _settings(db=db, host=host, port=port, log_level=log_level)
+    click.echo(f"runwatch {_version()}: database {safe_url(settings.db)}", err=True)
+    try:
+        serve(settings)
+    except RefusedToStart as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@db_option
+@_domain_errors
+def db_upgrade(db: str | None) -> None:
+    """Apply every pending migration."""
+    from runwatch.collector.server import safe_url
+
+    with _store(db) as store:
+        click.echo(f"{safe_url(str(store.engine.url))} is at the newest schema")
+
+
+@main.group()
+def keys() -> None:
+    """API keys (stored hashed; the secret is shown once)."""
+
+
+@keys.command("create")
+@click.option("--project", required=True, help="Project the key is bound to.")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    help="ingest, read, operate or admin; repeat or separate with commas.",
+)
+@click.option("--name", default="", help="A label to recognise the key by.")
+@db_option
+@_domain_errors
+def keys_create(project: str, scopes: tuple[str, ...], name: str, db: str | None) -> None:
+    """Create a key and print its secret once."""
+    from runwatch.collector.storage.keys import create_key
+
+    wanted = [s.strip() for chunk in scopes for s in chunk.split(",") if s.strip()]
+    with _store(db) as store, store.write() as conn:
+        secret, info = create_key(conn, project, wanted, name)
+    click.echo(
+        f"key {info.id} for project {info.project} with scope(s) "
+        f"{', '.join(sorted(info.scopes))}; store it now, it is not shown again:",
+        err=True,
+    )
+    click.echo(secret)
+
+
+@keys.command("list")
+@click.option("--project", help="Only keys of this project.")
+@db_option
+@_domain_errors
+def keys_list(project: str | None, db: str | None) -> None:
+    """List keys (never their secrets)."""
+    from runwatch.collector.storage.keys import list_keys
+
+    with _store(db) as store, store.read() as conn:
+        found = list_keys(conn, project)
+    table = Table("id", "project", "name", "prefix", "scopes", "created", "revoked")
+    for k in found:
+        table.add_row(
+            str(k.id),
+            k.project,
+            k.name,
+            k.prefix + "…",
+            ",".join(sorted(k.scopes)),
+            _when(k.created_at),
+            _when(k.revoked_at),
+        )
+    out.print(table)
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+@db_option
+@_domain_errors
+def keys_revoke(key_id: int, db: str | None) -> None:
+    """Revoke a key by id; requests with it fail from now on."""
+    from runwatch.collector.storage.keys import revoke_key
+
+    with _store(db) as store, store.write() as conn:
+        info = revoke_key(conn, key_id)
+    click.echo(f"key {info.id} ({info.prefix}…) of project {info.project} is revoked")
+
+
+# -- query side -----------------------------------------------------------------
+server_option = click.option(
+    "--server", envvar="RUNWATCH_SERVER", help="Collector URL [env RUNWATCH_SERVER]."
+)
+key_option = click.option(
+    "--api-key", envvar="RUNWATCH_API_KEY", help="API key with read scope [env RUNWATCH_API_KEY]."
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@contextmanager
+def _client(server_url: str | None, api_key: str | None) -> Iterator[Client]:
+    import httpx
+
+    client = Client(server_url, api_key)
+    try:
+        yield client
+    except ClientError as exc:
+        raise click.ClickException(f"the server refused: {exc}") from None
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach {client.server}: {exc}") from None
+    finally:
+        client.close()
+
+
+def _resolve_run(client: Client, run: str) -> dict[str, Any]:
+    if run.isdigit():
+        return client.run(int(run))
+    project, sep, name = run.partition("/")
+    if not sep or not project or not name:
+        raise click.BadParameter("give a run id or PROJECT/NAME", param_hint="RUN")
+    return client.find_run(project, name)
+
+
+@main.group()
+def runs() -> None:
+    """Query runs."""
+
+
+@runs.command("list")
+@click.option("--project")
+@click.option("--state", type=click.Choice(["running", "finished", "failed", "crashed"]))
+@click.option("--tag")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+@server_option
+@key_option
+@json_option
+def runs_list(
+    project: str | None,
+    state: str | None,
+    tag: str | None,
+    limit: int,
+    server: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """List runs, newest first."""
+    with _client(server, api_key) as client:
+        found = client.runs(project=project, state=state, tag=tag, limit=limit)
+    if as_json:
+        _print_json(found)
+        return
+    table = Table("id", "project", "name", "state", "tags", "created", "last heartbeat")
+    for r in found:
+        table.add_row(
+            str(r["id"]),
+            r["project"],
+            r["name"],
+            r["state"],
+            ",".join(r["tags"]),
+            _when(r["created_at"]),
+            _when(r["heartbeat_at"]),
+        )
+    out.print(table)
+
+
+@runs.command("show")
+@click.argument("run")
+@server_option
+@key_option
+@json_option
+def runs_show(run: str, server: str | None, api_key: str | None, as_json: bool) -> None:
+    """One run (id or PROJECT/NAME) with the latest value of each series."""
+    with _client(server, api_key) as client:
+        found = _resolve_run(client, run)
+        series = client.series(found["id"])
+    if as_json:
+        _print_json({**found, "series": series})
+        return
+    out.print(f"[bold]{found['project']}/{found['name']}[/] (run {found['id']}): {found['state']}")
+    out.print(
+        f"created {_when(found['created_at'])}, last heartbeat {_when(found['heartbeat_at'])}"
+    )
+    if found["tags"]:
+        out.print("tags: " + ", ".join(found["tags"]))
+    if found["config"]:
+        out.print("config: " + orjson.dumps(found["config"]).decode())
+    table = Table("key", "rank", "points", "last step", "last value")
+    for s in series:
+        table.add_row(
+            s["key"],
+            str(s["rank"]),
+            str(s["n_points"]),
+            str(s["last_step"]),
+            _number(s["last_value"]),
+        )
+    out.print(table)
+
+
+@main.group()
+def metrics() -> None:
+    """Query metric series."""
+
+
+@metrics.command("get")
+@click.argument("run")
+@click.argument("key")
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--x", type=click.Choice(["step", "time"]), default="step", show_default=True)
+@click.option("--start", type=float, help="First step (or Unix time with --x time).")
+@click.option("--end", type=float, help="Last step (or Unix time with --x time).")
+@click.option("--max-points", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@server_option
+@key_option
+@json_option
+def metrics_get(
+    run: str,
+    key: str,
+    rank: int,
+    x: str,
+    start: float | None,
+    end: float | None,
+    max_points: int,
+    server: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """Points of KEY in RUN, downsampled to at most --max-points buckets."""
+    with _client(server, api_key) as client:
+        run_id = _resolve_run(client, run)["id"]
+        found = client.metrics(
+            run_id, key, rank=rank, x=x, start=start, end=end, max_points=max_points
+        )
+    if as_json:
+        _print_json(found)
+        return
+    if found["downsampled"]:
+        table = Table("steps", "count", "NaN", "min", "mean", "max")
+        for b in found["buckets"]:
+            table.add_row(
+                f"{b['step_min']}-{b['step_max']}",
+                str(b["count"]),
+                str(b["nan_count"]),
+                _number(b["min"]),
+                _number(b["mean"]),
+                _number(b["max"]),
+            )
+    else:
+        table = Table("step", "time", "value")
+        for step, wall_time, value in found["points"]:
+            table.add_row(str(step), _when(wall_time), _number(value))
+    out.print(table)
+    out.print(f"{found['total']} point(s) of {key!r} (rank {rank}) in range")
+
+
+def _print_json(value: Any) -> None:
+    from runwatch.wire import encode_float
+
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, float):
+            return encode_float(obj)
+        if isinstance(obj, dict):
+            return {k: clean(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [clean(v) for v in obj]
+        return obj
+
+    sys.stdout.write(orjson.dumps(clean(value), option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.6g}" if math.isfinite(value) else str(value)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _version() -> str:
+    import runwatch
+
+    return runwatch.__version__

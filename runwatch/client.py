@@ -1,0 +1,176 @@
+"""``Client``: the query API from Python, for notebooks, scripts and the CLI.
+
+>>> from runwatch.client import Client            # doctest: +SKIP
+>>> with Client("http://127.0.0.1:8000") as rw:  # doctest: +SKIP
+...     run = rw.runs(project="llm", state="running")[0]
+...     loss = rw.metrics(run["id"], "loss", max_points=500)
+
+Server and key default to ``RUNWATCH_SERVER`` and ``RUNWATCH_API_KEY``.
+Numbers come back as floats, NaN and infinities included (they travel as
+strings in JSON).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+from runwatch import wire
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+class ClientError(Exception):
+    """The server refused the request; ``reason`` is its snake_case error word."""
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(f"{status} {reason}: {detail}")
+        self.status = status
+        self.reason = reason
+        self.detail = detail
+
+
+class Client:
+    """Thin, typed-enough wrapper over ``/api/v1``; one HTTP connection pool per client."""
+
+    def __init__(
+        self,
+        server: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.server = (server or os.environ.get("RUNWATCH_SERVER") or DEFAULT_SERVER).rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("RUNWATCH_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._http = httpx.Client(
+            base_url=self.server, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- runs ---------------------------------------------------------------
+    def create_run(
+        self,
+        project: str,
+        name: str | None = None,
+        *,
+        config: dict[str, Any] | None = None,
+        tags: list[str] | None = None,
+    ) -> dict[str, Any]:
+        """Create run ``name`` in ``project`` or resume it; ``resumed`` tells which."""
+        body = {"project": project, "name": name, "config": config or {}, "tags": tags or []}
+        return self._call("POST", "/api/v1/runs", json=body)
+
+    def finish_run(self, run_id: int, state: str = "finished") -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/runs/{run_id}/finish", json={"state": state})
+
+    def runs(
+        self,
+        *,
+        project: str | None = None,
+        state: str | None = None,
+        tag: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        params = {"project": project, "state": state, "tag": tag, "limit": limit, "offset": offset}
+        return self._call("GET", "/api/v1/runs", params=_present(params))
+
+    def run(self, run_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/runs/{run_id}")
+
+    def find_run(self, project: str, name: str) -> dict[str, Any]:
+        """The run called ``name`` in ``project``; :class:`ClientError` 404 if none."""
+        offset = 0
+        while page := self.runs(project=project, limit=1000, offset=offset):
+            for run in page:
+                if run["name"] == name:
+                    return run
+            offset += len(page)
+        raise ClientError(404, "not_found", f"unknown run {project}/{name}")
+
+    # -- metrics ------------------------------------------------------------
+    def ingest(
+        self,
+        run_id: int,
+        points: list[wire.Point] | list[tuple[int, float, str, float]],
+        *,
+        seq: int,
+        rank: int = 0,
+    ) -> dict[str, Any]:
+        """Send one batch (msgpack); safe to repeat with the same ``seq``."""
+        body = wire.encode_batch(run_id, rank, seq, points)
+        return self._call(
+            "POST", "/api/v1/ingest", content=body, headers={"Content-Type": wire.MSGPACK}
+        )
+
+    def series(self, run_id: int) -> list[dict[str, Any]]:
+        found = self._call("GET", f"/api/v1/runs/{run_id}/series")
+        for s in found:
+            s["last_value"] = _number(s["last_value"])
+        return found
+
+    def latest(
+        self, run_id: int, *, rank: int = 0, keys: list[str] | None = None
+    ) -> dict[str, Any]:
+        """``{key: {"step", "wall_time", "value"}}`` for one rank."""
+        params: dict[str, Any] = {"rank": rank}
+        if keys:
+            params["keys"] = keys
+        found = self._call("GET", f"/api/v1/runs/{run_id}/latest", params=params)
+        values = found["values"]
+        for entry in values.values():
+            entry["value"] = _number(entry["value"])
+        return values
+
+    def metrics(
+        self,
+        run_id: int,
+        key: str,
+        *,
+        rank: int = 0,
+        x: str = "step",
+        start: float | None = None,
+        end: float | None = None,
+        max_points: int = 1000,
+    ) -> dict[str, Any]:
+        """Raw ``points`` [step, wall_time, value], or ``buckets`` when downsampled."""
+        params = {"key": key, "rank": rank, "x": x, "start": start, "end": end}
+        params["max_points"] = max_points
+        found = self._call("GET", f"/api/v1/runs/{run_id}/metrics", params=_present(params))
+        found["points"] = [[s, t, _number(v)] for s, t, v in found["points"]]
+        for bucket in found["buckets"]:
+            for field in ("min", "max", "mean"):
+                bucket[field] = _number(bucket[field])
+        return found
+
+    # -- plumbing -----------------------------------------------------------
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.is_success:
+            return response.json()
+        try:
+            body = response.json()
+            reason, detail = body.get("error", "error"), body.get("detail", response.text)
+        except ValueError:
+            reason, detail = "error", response.text[:500]
+        raise ClientError(response.status_code, reason, str(detail))
+
+
+def _present(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else wire.decode_float(value)
