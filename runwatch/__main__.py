@@ -1,0 +1,5 @@
+"""``python -m runwatch`` is the ``runwatch`` command."""
+
+from runwatch.cli import main
+
+main()
