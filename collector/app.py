@@ -16,6 +16,7 @@ from runwatch.collector.routes import runs as run_lifecycle
 from runwatch.collector.storage import migrate
 from runwatch.collector.storage.keys import any_active_key
 from runwatch.collector.storage.store import Store
+from runwatch.collector.storage.writer import BatchWriter
 from runwatch.collector.telemetry import Telemetry
 
 import runwatch
@@ -24,6 +25,9 @@ from runwatch.settings import Settings
 
 log = logging.getLogger("runwatch.collector")
 
+SQLITE_CHECKPOINT_INTERVAL = 1.0
+"""Seconds between background WAL checkpoints (SQLite only)."""
+
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; the database is migrated to the newest schema when it starts."""
@@ -31,10 +35,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.db)
+        engine = make_engine(settings.db, sqlite_autocheckpoint=False)
         migrate.upgrade(engine)
-        store = Store(engine)
+        store = Store(engine, checkpoint_interval=SQLITE_CHECKPOINT_INTERVAL)
         app.state.store = store
+        app.state.writer = writer = BatchWriter(store, observe=telemetry.db_write.observe)
         with store.read() as conn:
             open_server = not any_active_key(conn)
         if open_server:
@@ -46,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            writer.close()
             store.dispose()
 
     app = FastAPI(

@@ -21,9 +21,17 @@ from runwatch.collector.errors import (
     UnsupportedMediaType,
 )
 
-from runwatch.wire import BATCH_FIELDS, JSON, MAX_INT64, MAX_KEY_LENGTH, MSGPACK, NONFINITE_STRINGS
+from runwatch.wire import (
+    BATCH_FIELDS,
+    JSON,
+    MAX_ID,
+    MAX_INT64,
+    MAX_KEY_LENGTH,
+    MSGPACK,
+    NONFINITE_STRINGS,
+)
 
-MAX_RANK = 2**31 - 1
+MAX_RANK = MAX_ID
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +85,7 @@ def parse_batch(doc: Any, *, max_points: int) -> Batch:
     for name in ("run", "rank", "seq", "points"):
         if name not in doc:
             raise InvalidInput(f"missing field {name!r}")
-    run = _int_field(doc["run"], "run", 1, MAX_INT64)
+    run = _int_field(doc["run"], "run", 1, MAX_ID)
     rank = _int_field(doc["rank"], "rank", 0, MAX_RANK)
     seq = _int_field(doc["seq"], "seq", 0, MAX_INT64)
     heartbeat = doc.get("heartbeat")
@@ -92,7 +100,14 @@ def parse_batch(doc: Any, *, max_points: int) -> Batch:
     return Batch(run, rank, seq, heartbeat, steps, wall_times, keys, values)
 
 
-def _columns(raw: list[Any]) -> tuple[list[int], list[float], list[str], list[float | None]]:
+Columns = tuple[list[int], list[float], list[str], list[float | None]]
+
+
+def _columns(raw: list[Any]) -> Columns:
+    """Check every point and split the batch into columns, naming the first bad point.
+
+    One plain loop: measured faster than zip(*points) plus set/map checks.
+    """
     steps: list[int] = []
     wall_times: list[float] = []
     keys: list[str] = []
@@ -101,15 +116,16 @@ def _columns(raw: list[Any]) -> tuple[list[int], list[float], list[str], list[fl
     isfinite = math.isfinite
     for i, point in enumerate(raw):
         if type(point) is not list or len(point) != 4:
+            got = f"{len(point)} elements" if type(point) is list else _kind(point)
             raise InvalidInput(
-                f"points[{i}] must be an array [step, wall_time, key, value], not {_kind(point)}"
+                f"points[{i}] must be an array of 4, [step, wall_time, key, value]; got {got}"
             )
         step, wall_time, key, value = point
         if type(step) is not int or not 0 <= step <= MAX_INT64:
             raise InvalidInput(f"points[{i}][0] (step) must be an integer >= 0, not {step!r:.40}")
-        if type(wall_time) is not float or not isfinite(wall_time):
+        if type(wall_time) is not float or not isfinite(wall_time) or wall_time < 0:
             wall_time = _wall_time(wall_time, f"points[{i}][1] (wall_time)")
-        if key not in good_keys:
+        if type(key) is not str or key not in good_keys:
             _check_key(key, i)
             good_keys.add(key)
         if type(value) is float:

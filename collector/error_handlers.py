@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from runwatch.collector import errors
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 
 log = logging.getLogger("runwatch.collector")
@@ -82,6 +82,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            # Undecodable JSON is a malformed body (400), as on the ingest endpoint.
+            count_ingest_reject(request, "malformed_body")
+            detail = f"cannot decode application/json body: {describe_validation(exc)}"
+            return JSONResponse(error_body("malformed_body", detail), status_code=400)
         count_ingest_reject(request, "invalid")
         return JSONResponse(error_body("invalid", describe_validation(exc)), status_code=422)
 
@@ -92,6 +97,15 @@ def install(app: FastAPI) -> None:
         detail: Any = exc.detail
         return JSONResponse(
             error_body(reason, str(detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(DataError)
+    async def _out_of_range(request: Request, exc: DataError) -> JSONResponse:
+        # Inputs are range-checked at the edge; this is the net under that check.
+        count_ingest_reject(request, "invalid")
+        log.warning("database refused a value: %s", exc.orig)
+        return JSONResponse(
+            error_body("invalid", "a value is out of range for the database"), status_code=422
         )
 
     @app.exception_handler(OperationalError)

@@ -42,11 +42,11 @@ class BodyLimit:
 
         async def limited() -> Message:
             nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+            received = await receive()
+            if received["type"] == "http.request":
+                seen += len(received.get("body", b""))
                 if seen > self.max_bytes:
                     raise HTTPException(413, message)
-            return message
+            return received
 
         await self.app(scope, limited, send)

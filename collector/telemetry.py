@@ -37,7 +37,7 @@ class Telemetry:
         )
         self.db_write = Histogram(
             "runwatch_db_write_seconds",
-            "Time to write one batch in one transaction.",
+            "Time of one write transaction (a group of batches committed together).",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )

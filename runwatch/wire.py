@@ -26,6 +26,9 @@ MAX_KEY_LENGTH = 256
 """Longest metric key accepted; longer keys are almost always a bug (an f-string of a tensor)."""
 
 MAX_INT64 = 2**63 - 1
+"""Largest step and seq: both are 64-bit columns."""
+MAX_ID = 2**31 - 1
+"""Largest run id and rank: both are 32-bit columns."""
 
 NONFINITE_STRINGS: dict[str, float] = {
     "NaN": math.nan,

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from runwatch.api.deps import ReadAuth, StoreDep
+from runwatch.api.deps import ReadAuth, RunId, StoreDep
 from runwatch.api.schemas import RunOut, run_out
 from runwatch.collector.errors import Forbidden
 from runwatch.collector.storage.projects import find_project
 from runwatch.collector.storage.runs import RunFilter, get_run, list_runs
 from starlette.concurrency import run_in_threadpool
+
+from runwatch.wire import MAX_ID
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 
@@ -23,7 +25,7 @@ async def runs(
     state: Literal["running", "finished", "failed", "crashed"] | None = None,
     tag: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> list[RunOut]:
     key = principal.key
     if key is not None and project is not None and project != key.project:
@@ -46,7 +48,7 @@ async def runs(
 
 
 @router.get("/{run_id}", response_model=RunOut, summary="One run", responses={404: {}})
-async def run(run_id: int, principal: ReadAuth, store: StoreDep) -> RunOut:
+async def run(run_id: RunId, principal: ReadAuth, store: StoreDep) -> RunOut:
     def query() -> RunOut:
         with store.read() as conn:
             return run_out(get_run(conn, run_id, project_id=principal.project_id))

@@ -6,7 +6,7 @@ import math
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from runwatch.api.deps import ReadAuth, StoreDep
+from runwatch.api.deps import Rank, ReadAuth, RunId, StoreDep
 from runwatch.api.schemas import BucketOut, LatestOut, LatestValue, MetricRangeOut, SeriesOut
 from runwatch.collector.errors import InvalidInput
 from runwatch.collector.storage.points import get_series, list_series, metric_range
@@ -16,7 +16,7 @@ router = APIRouter(prefix="/api/v1/runs/{run_id}", tags=["metrics"])
 
 
 @router.get("/series", response_model=list[SeriesOut], summary="Series of a run with summaries")
-async def series(run_id: int, principal: ReadAuth, store: StoreDep) -> list[SeriesOut]:
+async def series(run_id: RunId, principal: ReadAuth, store: StoreDep) -> list[SeriesOut]:
     def query() -> list[SeriesOut]:
         principal.check_run(store, run_id)
         with store.read() as conn:
@@ -38,10 +38,10 @@ async def series(run_id: int, principal: ReadAuth, store: StoreDep) -> list[Seri
 
 @router.get("/latest", response_model=LatestOut, summary="Latest value of every key of a rank")
 async def latest(
-    run_id: int,
+    run_id: RunId,
     principal: ReadAuth,
     store: StoreDep,
-    rank: Annotated[int, Query(ge=0)] = 0,
+    rank: Rank = 0,
     keys: Annotated[list[str] | None, Query(description="Only these keys (repeatable).")] = None,
 ) -> LatestOut:
     def query() -> LatestOut:
@@ -73,11 +73,11 @@ async def latest(
     responses={404: {}, 422: {}},
 )
 async def metrics(
-    run_id: int,
+    run_id: RunId,
     principal: ReadAuth,
     store: StoreDep,
     key: Annotated[str, Query(min_length=1, max_length=256)],
-    rank: Annotated[int, Query(ge=0)] = 0,
+    rank: Rank = 0,
     x: Literal["step", "time"] = "step",
     start: float | None = None,
     end: float | None = None,

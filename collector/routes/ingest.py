@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
 from runwatch.api.auth import Principal
-from runwatch.api.deps import IngestAuth, SettingsDep, StoreDep, TelemetryDep
+from runwatch.api.deps import IngestAuth, SettingsDep, StoreDep, TelemetryDep, WriterDep
 from runwatch.api.schemas import IngestReply
-from runwatch.collector.batch import decode_body, parse_batch
-from runwatch.collector.storage.points import write_batch
+from runwatch.collector.batch import Batch, decode_body, parse_batch
 from runwatch.collector.storage.store import Store
-from runwatch.collector.telemetry import Telemetry
 from starlette.concurrency import run_in_threadpool
 
 from runwatch.wire import JSON, MSGPACK
@@ -36,34 +35,29 @@ async def ingest(
     request: Request,
     principal: IngestAuth,
     store: StoreDep,
+    writer: WriterDep,
     settings: SettingsDep,
     telemetry: TelemetryDep,
 ) -> IngestReply:
     started = time.perf_counter()
     body = await request.body()
     content_type = request.headers.get("content-type", "")
-    reply = await run_in_threadpool(
-        _ingest, body, content_type, principal, store, telemetry, settings.max_points_per_batch
+    batch = await run_in_threadpool(
+        _checked_batch, body, content_type, principal, store, settings.max_points_per_batch
     )
-    telemetry.ingest_latency.observe(time.perf_counter() - started)
-    return reply
-
-
-def _ingest(
-    body: bytes,
-    content_type: str,
-    principal: Principal,
-    store: Store,
-    telemetry: Telemetry,
-    max_points: int,
-) -> IngestReply:
-    batch = parse_batch(decode_body(body, content_type), max_points=max_points)
-    principal.check_run(store, batch.run)
-    with telemetry.db_write.time():
-        result = write_batch(store, batch)
+    result = await asyncio.wrap_future(writer.submit(batch))
     if result.stored:
         telemetry.batches.labels("stored").inc()
         telemetry.points.inc(result.n_points)
     else:
         telemetry.batches.labels("duplicate").inc()
+    telemetry.ingest_latency.observe(time.perf_counter() - started)
     return IngestReply(accepted=result.n_points, duplicate=not result.stored)
+
+
+def _checked_batch(
+    body: bytes, content_type: str, principal: Principal, store: Store, max_points: int
+) -> Batch:
+    batch = parse_batch(decode_body(body, content_type), max_points=max_points)
+    principal.check_run(store, batch.run)
+    return batch

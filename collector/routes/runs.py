@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from runwatch.api.deps import IngestAuth, StoreDep
+from runwatch.api.deps import IngestAuth, RunId, StoreDep
 from runwatch.api.schemas import CreateRun, FinishRun, RunCreated, RunOut, run_out
 from runwatch.collector.errors import Forbidden
 from runwatch.collector.storage.runs import create_or_resume, finish_run
@@ -31,7 +31,7 @@ async def create_run(body: CreateRun, principal: IngestAuth, store: StoreDep) ->
 
 
 @router.post("/{run_id}/finish", response_model=RunOut, summary="Mark a run as ended")
-async def finish(run_id: int, body: FinishRun, principal: IngestAuth, store: StoreDep) -> RunOut:
+async def finish(run_id: RunId, body: FinishRun, principal: IngestAuth, store: StoreDep) -> RunOut:
     def end() -> RunOut:
         principal.check_run(store, run_id)
         with store.write() as conn:

@@ -87,7 +87,7 @@ def create_or_resume(
             "project_id": project_id,
             "name": name,
             "state": "running",
-            "config": orjson.dumps(config or {}).decode(),
+            "config": _config_json(config or {}),
             "created_at": now,
             "updated_at": now,
         },
@@ -106,7 +106,7 @@ def create_or_resume(
                 state="running",
                 finished_at=None,
                 updated_at=now,
-                config=orjson.dumps(merged).decode(),
+                config=_config_json(merged),
             )
         )
     for tag in clean_tags:
@@ -214,6 +214,13 @@ def _record(row: Any, tags: tuple[str, ...]) -> RunRecord:
         heartbeat_at=row.heartbeat_at,
         finished_at=row.finished_at,
     )
+
+
+def _config_json(config: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(config).decode()
+    except orjson.JSONEncodeError as exc:
+        raise InvalidInput(f"config cannot be stored as JSON: {exc}") from None
 
 
 def _generated_name() -> str:

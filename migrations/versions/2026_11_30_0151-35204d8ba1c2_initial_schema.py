@@ -1,8 +1,8 @@
 """initial schema
 
-Revision ID: de7a95540956
+Revision ID: 35204d8ba1c2
 Revises:
-Create Date: 2026-11-30 01:35:57.246778
+Create Date: 2026-11-30 01:51:19.326758
 """
 
 from collections.abc import Sequence
@@ -10,13 +10,23 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "de7a95540956"
+revision: str = "35204d8ba1c2"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    op.create_table(
+        "points",
+        sa.Column("series_id", sa.Integer(), nullable=False),
+        sa.Column("step", sa.BigInteger(), nullable=False),
+        sa.Column("wall_time", sa.Double(), nullable=False),
+        sa.Column("value", sa.Double(), nullable=True),
+    )
+    with op.batch_alter_table("points", schema=None) as batch_op:
+        batch_op.create_index("ix_points_series_id_step", ["series_id", "step"], unique=False)
+
     op.create_table(
         "projects",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -108,32 +118,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_series")),
         sa.UniqueConstraint("run_id", "key", "rank", name="uq_series_run_id_key_rank"),
     )
-    op.create_table(
-        "points",
-        sa.Column("series_id", sa.Integer(), nullable=False),
-        sa.Column("step", sa.BigInteger(), nullable=False),
-        sa.Column("wall_time", sa.Double(), nullable=False),
-        sa.Column("value", sa.Double(), nullable=True),
-        sa.ForeignKeyConstraint(
-            ["series_id"],
-            ["series.id"],
-            name=op.f("fk_points_series_id_series"),
-            ondelete="CASCADE",
-        ),
-    )
-    with op.batch_alter_table("points", schema=None) as batch_op:
-        batch_op.create_index("ix_points_series_id_step", ["series_id", "step"], unique=False)
-        batch_op.create_index(
-            "ix_points_series_id_wall_time", ["series_id", "wall_time"], unique=False
-        )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("points", schema=None) as batch_op:
-        batch_op.drop_index("ix_points_series_id_wall_time")
-        batch_op.drop_index("ix_points_series_id_step")
-
-    op.drop_table("points")
     op.drop_table("series")
     with op.batch_alter_table("run_tags", schema=None) as batch_op:
         batch_op.drop_index("ix_run_tags_tag")
@@ -146,3 +133,7 @@ def downgrade() -> None:
     op.drop_table("runs")
     op.drop_table("api_keys")
     op.drop_table("projects")
+    with op.batch_alter_table("points", schema=None) as batch_op:
+        batch_op.drop_index("ix_points_series_id_step")
+
+    op.drop_table("points")

@@ -1,0 +1,1 @@
+"""Hand-run benchmarks; never imported by the tests or CI."""

@@ -1,0 +1,108 @@
+"""One writer thread per database: batches queue up and are committed in groups.
+
+Several requests write concurrently, but the database takes one writer at a
+time (SQLite) or pays a commit per transaction (both). Handing every batch to
+one thread that drains whatever has queued into a single transaction (group
+commit) pays the transaction overhead once per group, and keeps the GIL
+hand-offs of the SQLite driver (it releases the GIL around every row) between
+two threads rather than every request's. A group that fails is retried one
+batch at a time, so one bad batch cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from runwatch.collector.batch import Batch
+from runwatch.collector.errors import Unavailable
+from runwatch.collector.storage.points import WriteResult, write_batches
+from runwatch.collector.storage.store import Store
+
+log = logging.getLogger("runwatch.collector")
+
+MAX_QUEUED_BATCHES = 256
+"""Beyond this the collector answers 503 and agents back off: memory stays bounded."""
+MAX_GROUP_POINTS = 50_000
+"""A group stops growing here, so one commit never holds the writer for long."""
+
+_Job = tuple[Batch, "Future[WriteResult]"]
+
+
+class BatchWriter:
+    """Accepts validated batches from any thread; commits them from its own."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_queued: int = MAX_QUEUED_BATCHES,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
+        """``observe`` receives the duration of every group's transaction, in seconds."""
+        self.store = store
+        self._observe = observe
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queued)
+        self._thread = threading.Thread(target=self._run, name="runwatch-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: Batch) -> Future[WriteResult]:
+        """Queue ``batch``; the future resolves once it is committed (or fails)."""
+        future: Future[WriteResult] = Future()
+        try:
+            self._jobs.put_nowait((batch, future))
+        except queue.Full:
+            raise Unavailable(
+                f"the collector has {self._jobs.maxsize} batches waiting to be written; "
+                "retry with backoff",
+                reason="overloaded",
+            ) from None
+        return future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop the thread."""
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            group = [first]
+            points = len(first[0])
+            stop = False
+            while points < MAX_GROUP_POINTS:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stop = True
+                    break
+                group.append(job)
+                points += len(job[0])
+            self._write(group)
+            if stop:
+                return
+
+    def _write(self, group: list[_Job]) -> None:
+        started = time.perf_counter()
+        try:
+            results = write_batches(self.store, [batch for batch, _ in group])
+            if self._observe is not None:
+                self._observe(time.perf_counter() - started)
+        except Exception as exc:
+            if len(group) == 1:
+                group[0][1].set_exception(exc)
+                return
+            log.warning("group of %d batches failed (%s); writing them one by one", len(group), exc)
+            for job in group:
+                self._write([job])
+            return
+        for (_, future), result in zip(group, results, strict=True):
+            future.set_result(result)
