@@ -7,6 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+
+import runwatch
+from runwatch.api.auth import KeyCache
 from runwatch.api.routes import runs as run_queries
 from runwatch.api.routes import series
 from runwatch.collector import error_handlers
@@ -18,8 +21,6 @@ from runwatch.collector.storage.keys import any_active_key
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.writer import BatchWriter
 from runwatch.collector.telemetry import Telemetry
-
-import runwatch
 from runwatch.db import make_engine
 from runwatch.settings import Settings
 
@@ -62,6 +63,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     app.state.telemetry = telemetry
+    app.state.key_cache = KeyCache(settings.key_cache_seconds)
     error_handlers.install(app)
 
     def count_oversized(path: str) -> None:

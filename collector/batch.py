@@ -14,13 +14,13 @@ from typing import Any
 
 import msgpack
 import orjson
+
 from runwatch.collector.errors import (
     InvalidInput,
     MalformedBody,
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-
 from runwatch.wire import (
     BATCH_FIELDS,
     JSON,

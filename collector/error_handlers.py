@@ -11,9 +11,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from runwatch.collector import errors
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
+
+from runwatch.collector import errors
 
 log = logging.getLogger("runwatch.collector")
 

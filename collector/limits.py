@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from runwatch.collector.error_handlers import error_body
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from runwatch.collector.error_handlers import error_body
 
 
 class BodyLimit:

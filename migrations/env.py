@@ -7,10 +7,10 @@ making a new revision, see alembic.ini) gets one from ``sqlalchemy.url``.
 
 from __future__ import annotations
 
-import runwatch.collector.storage.tables  # noqa: F401  (registers the tables)
 from alembic import context
 from sqlalchemy import Connection
 
+import runwatch.collector.storage.tables  # noqa: F401  (registers the tables)
 from runwatch.db import make_engine, metadata
 
 config = context.config

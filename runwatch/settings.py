@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from functools import cached_property
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,11 @@ class Settings(BaseSettings):
     )
     max_points_per_batch: int = Field(
         100_000, gt=0, description="Most points one ingest batch may carry."
+    )
+    key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long a key lookup is remembered; a revoked key works at most this long.",
     )
     log_level: str = Field("info", description="Log level of the server.")
 
@@ -54,7 +60,7 @@ class Settings(BaseSettings):
             raise ValueError(f"log_level must be one of {', '.join(levels)}")
         return value.lower()
 
-    @property
+    @cached_property
     def is_loopback(self) -> bool:
         """True when ``host`` only accepts connections from this machine."""
         return is_loopback_host(self.host)

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from runwatch.collector.server import ServerThread
-from runwatch.collector.storage import migrate
-from runwatch.collector.storage.store import Store
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from runwatch.client import Client
+from runwatch.collector.server import ServerThread
+from runwatch.collector.storage import migrate
+from runwatch.collector.storage.store import Store
 from runwatch.db import make_engine, metadata
 from runwatch.settings import Settings
 

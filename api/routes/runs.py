@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from starlette.concurrency import run_in_threadpool
+
 from runwatch.api.deps import ReadAuth, RunId, StoreDep
 from runwatch.api.schemas import RunOut, run_out
 from runwatch.collector.errors import Forbidden
 from runwatch.collector.storage.projects import find_project
 from runwatch.collector.storage.runs import RunFilter, get_run, list_runs
-from starlette.concurrency import run_in_threadpool
-
 from runwatch.wire import MAX_ID
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from runwatch.api.deps import StoreDep, TelemetryDep
-from runwatch.collector.errors import Unavailable
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
+
+from runwatch.api.deps import StoreDep, TelemetryDep
+from runwatch.collector.errors import Unavailable
 
 router = APIRouter(tags=["health"])
 

@@ -6,13 +6,13 @@ import asyncio
 import time
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
 from runwatch.api.auth import Principal
 from runwatch.api.deps import IngestAuth, SettingsDep, StoreDep, TelemetryDep, WriterDep
 from runwatch.api.schemas import IngestReply
 from runwatch.collector.batch import Batch, decode_body, parse_batch
 from runwatch.collector.storage.store import Store
-from starlette.concurrency import run_in_threadpool
-
 from runwatch.wire import JSON, MSGPACK
 
 router = APIRouter(prefix="/api/v1", tags=["ingest"])

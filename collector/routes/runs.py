@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
 from runwatch.api.deps import IngestAuth, RunId, StoreDep
 from runwatch.api.schemas import CreateRun, FinishRun, RunCreated, RunOut, run_out
 from runwatch.collector.errors import Forbidden
 from runwatch.collector.storage.runs import create_or_resume, finish_run
-from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(prefix="/api/v1/runs", tags=["runs"])
 

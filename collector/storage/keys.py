@@ -11,10 +11,11 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from sqlalchemy import Connection, select, update
+
 from runwatch.collector.errors import InvalidInput, NotFound
 from runwatch.collector.storage.projects import find_project, get_or_create_project
 from runwatch.collector.storage.tables import api_keys, projects
-from sqlalchemy import Connection, select, update
 
 SCOPES = ("ingest", "read", "operate", "admin")
 """``ingest``: create runs and send points; ``read``: query; ``operate``: issue

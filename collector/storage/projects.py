@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 import time
 
+from sqlalchemy import Connection, select
+
 from runwatch.collector.errors import InvalidInput
 from runwatch.collector.storage.sql import insert_or_ignore
 from runwatch.collector.storage.tables import projects
-from sqlalchemy import Connection, select
 
 PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from sqlalchemy import Connection, and_, select, update
+
 from runwatch.collector.errors import InvalidInput, NotFound
 from runwatch.collector.storage.projects import get_or_create_project
 from runwatch.collector.storage.sql import insert_or_ignore
 from runwatch.collector.storage.tables import projects, run_tags, runs
-from sqlalchemy import Connection, and_, select, update
 
 RUN_STATES = ("running", "finished", "failed", "crashed")
 """``running`` until the agent says otherwise; ``crashed`` is for a trainer that died."""

@@ -33,8 +33,16 @@ MAX_GROUP_POINTS = 50_000
 _Job = tuple[Batch, "Future[WriteResult]"]
 
 
+POSTGRES_WRITERS = 3
+"""PostgreSQL takes concurrent writers; each thread mostly waits on the server."""
+
+
 class BatchWriter:
-    """Accepts validated batches from any thread; commits them from its own."""
+    """Accepts validated batches from any thread; commits them from its own threads.
+
+    SQLite gets one writer thread (it takes one writer at a time anyway);
+    PostgreSQL gets :data:`POSTGRES_WRITERS`, each committing its own groups.
+    """
 
     def __init__(
         self,
@@ -47,8 +55,13 @@ class BatchWriter:
         self.store = store
         self._observe = observe
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queued)
-        self._thread = threading.Thread(target=self._run, name="runwatch-writer", daemon=True)
-        self._thread.start()
+        count = POSTGRES_WRITERS if store.dialect == "postgresql" else 1
+        self._threads = [
+            threading.Thread(target=self._run, name=f"runwatch-writer-{i}", daemon=True)
+            for i in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, batch: Batch) -> Future[WriteResult]:
         """Queue ``batch``; the future resolves once it is committed (or fails)."""
@@ -64,9 +77,11 @@ class BatchWriter:
         return future
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop the thread."""
-        self._jobs.put(None)
-        self._thread.join(timeout)
+        """Write what is queued, then stop the threads."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
 
     def _run(self) -> None:
         while True:
@@ -97,12 +112,19 @@ class BatchWriter:
             if self._observe is not None:
                 self._observe(time.perf_counter() - started)
         except Exception as exc:
-            if len(group) == 1:
-                group[0][1].set_exception(exc)
+            if len(group) > 1:
+                log.warning(
+                    "group of %d batches failed (%s); writing them one by one", len(group), exc
+                )
+                for job in group:
+                    self._write([job])
                 return
-            log.warning("group of %d batches failed (%s); writing them one by one", len(group), exc)
-            for job in group:
-                self._write([job])
+            # The hot path talks to the driver directly, so its errors arrive unwrapped:
+            # whatever it is, the batch is not stored and the agent should retry it.
+            log.exception("could not store a batch of run %d", group[0][0].run)
+            group[0][1].set_exception(
+                Unavailable(f"the batch could not be stored ({type(exc).__name__}); retry")
+            )
             return
         for (_, future), result in zip(group, results, strict=True):
             future.set_result(result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,21 +19,21 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import select
+
+from runwatch import wire
 from runwatch.api.auth import authenticate
 from runwatch.api.deps import get_settings
+from runwatch.cli import main as cli
 from runwatch.collector.errors import Unauthorized
 from runwatch.collector.server import RefusedToStart, check_exposure
 from runwatch.collector.storage import migrate
 from runwatch.collector.storage.keys import KEY_PREFIX, create_key, revoke_key
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.tables import api_keys
-from sqlalchemy import select
-
-from runwatch import wire
-from runwatch.cli import main as cli
 from runwatch.db import make_engine
 from runwatch.settings import Settings
-from tests.conftest import Collector
+from tests.conftest import Collector, start_collector
 
 INGEST = "/api/v1/ingest"
 MISSING_RUN = 999_999
@@ -93,6 +94,12 @@ def refused(reply: httpx.Response, status: int, reason: str, fragment: str) -> N
     assert set(body) == {"error", "detail"}, (where, body)
     assert body["error"] == reason, (where, body)
     assert fragment in body["detail"], (where, body)
+
+
+@pytest.fixture
+def collector(db_url: str) -> Iterator[Collector]:
+    """Key lookups uncached, so that every key change shows at once (the cache has its test)."""
+    yield from start_collector(db_url, key_cache_seconds=0)
 
 
 @pytest.fixture
@@ -421,3 +428,25 @@ def test_a_key_made_with_the_cli_works_and_is_never_shown_again(
     assert listed.exit_code == 0, listed.output
     assert "gamma" in listed.output
     assert secret not in listed.output and secret[11:19] not in listed.output
+
+
+# -- the key cache -----------------------------------------------------------------
+def test_key_changes_take_effect_within_the_cache_lifetime(db_url: str) -> None:
+    ttl = 0.3
+    for collector in start_collector(db_url, key_cache_seconds=ttl):
+        http = collector.http
+        assert http.get("/api/v1/runs").status_code == 200  # open, and remembered
+        secret, key_id = add_key(collector, "alpha", ["admin"])
+        headers = {"Authorization": f"Bearer {secret}"}
+        deadline = time.monotonic() + 5 * ttl
+        while http.get("/api/v1/runs").status_code == 200:
+            assert time.monotonic() < deadline, "the first key did not close the server"
+            time.sleep(ttl / 5)
+        assert http.get("/api/v1/runs", headers=headers).status_code == 200
+        add_key(collector, "beta", ["read"])  # keeps the server closed once alpha's key goes
+        revoke(collector, key_id)
+        deadline = time.monotonic() + 5 * ttl
+        while http.get("/api/v1/runs", headers=headers).status_code == 200:
+            assert time.monotonic() < deadline, "the revoked key kept working"
+            time.sleep(ttl / 5)
+        refused(http.get("/api/v1/runs", headers=headers), 401, "unauthorized", "revoked")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from runwatch.collector.storage import migrate
 from sqlalchemy import Engine, inspect
 
+from runwatch.collector.storage import migrate
 from runwatch.db import make_engine, metadata
 from tests.conftest import scratch_postgres_database
 
