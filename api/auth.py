@@ -95,14 +95,6 @@ def authorize(state: KeyState, secret: str | None, scope: str, *, loopback: bool
     return Principal(key=state.key)
 
 
-def authenticate(
-    store: Store, authorization: str | None, scope: str, *, loopback: bool
-) -> Principal:
-    """Resolve the Authorization header into a :class:`Principal` allowed ``scope``."""
-    secret = bearer_secret(authorization)
-    return authorize(lookup_state(store, secret), secret, scope, loopback=loopback)
-
-
 class KeyCache:
     """:class:`KeyState` per presented secret for ``ttl`` seconds (0: no caching).
 
@@ -125,7 +117,8 @@ class KeyCache:
         return entry[1]
 
     def put(self, secret: str | None, state: KeyState, now: float) -> None:
-        if self.ttl <= 0:
+        """Remember ``state``; unknown secrets are not kept, so random keys cannot flush it."""
+        if self.ttl <= 0 or (secret is not None and state.key is None):
             return
         with self._lock:
             if len(self._entries) >= self.max_entries:

@@ -45,8 +45,9 @@ def create_app(settings: Settings) -> FastAPI:
             open_server = not any_active_key(conn)
         if open_server:
             log.warning(
-                "no API keys configured: the server is open to anyone who can reach %s "
-                "(loopback only); create keys with 'runwatch keys create'",
+                "no API keys configured: the server is open to anyone who can reach %s, "
+                "which is refused unless it is a loopback address; create keys with "
+                "'runwatch keys create'",
                 settings.host,
             )
         try:

@@ -9,6 +9,8 @@ index so that an agent author can fix the sender.
 from __future__ import annotations
 
 import math
+import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,10 @@ from runwatch.wire import (
 )
 
 MAX_RANK = MAX_ID
+MAX_KEYS_PER_BATCH = 10_000
+"""Distinct keys one batch may carry; more is almost always a value baked into a key."""
+MAX_CLOCK_AHEAD = 86_400.0
+"""How far (s) a wall time may run ahead of the collector's clock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +47,6 @@ class Batch:
     run: int
     rank: int
     seq: int
-    heartbeat: float | None
     steps: list[int]
     wall_times: list[float]
     keys: list[str]
@@ -51,12 +56,22 @@ class Batch:
         return len(self.steps)
 
 
-def decode_body(body: bytes, content_type: str) -> Any:
-    """Bytes to Python objects by content type; :class:`MalformedBody` if undecodable."""
+def decode_body(body: bytes, content_type: str, *, max_points: int) -> Any:
+    """Bytes to Python objects by content type; :class:`MalformedBody` if undecodable.
+
+    msgpack arrays are capped at ``max_points`` (maps at 64) while decoding, so that a body
+    of a million tiny elements is refused before it becomes a million objects.
+    """
     media = content_type.split(";", 1)[0].strip().lower()
     try:
         if media in (MSGPACK, "application/x-msgpack"):
-            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+            return msgpack.unpackb(
+                body,
+                raw=False,
+                strict_map_key=True,
+                max_array_len=max(max_points, 4),
+                max_map_len=64,
+            )
         if media == JSON:
             return orjson.loads(body)
     except (
@@ -66,14 +81,24 @@ def decode_body(body: bytes, content_type: str) -> Any:
         msgpack.FormatError,
         msgpack.StackError,
     ) as exc:
+        if (too_long := re.match(r"(\d+) exceeds max_array_len", str(exc))) is not None:
+            raise PayloadTooLarge(
+                f"batch has an array of {too_long[1]} elements; the limit is {max_points} points"
+            ) from None
         raise MalformedBody(f"cannot decode {media} body: {exc}") from None
     raise UnsupportedMediaType(
         f"unsupported content type {media or '(none)'!r}: send {MSGPACK} or {JSON}"
     )
 
 
-def parse_batch(doc: Any, *, max_points: int) -> Batch:
-    """Check a decoded batch and return it in columns; :class:`InvalidInput` on any fault."""
+def parse_batch(doc: Any, *, max_points: int, now: float | None = None) -> Batch:
+    """Check a decoded batch and return it in columns; :class:`InvalidInput` on any fault.
+
+    ``now`` (default: the clock) bounds wall times: a point more than
+    :data:`MAX_CLOCK_AHEAD` in the future is refused, since it would stay the
+    series' "latest" value for good.
+    """
+    latest = (time.time() if now is None else now) + MAX_CLOCK_AHEAD
     if not isinstance(doc, dict):
         raise InvalidInput(f"batch must be a map, not {_kind(doc)}")
     unknown = set(doc) - BATCH_FIELDS
@@ -88,22 +113,21 @@ def parse_batch(doc: Any, *, max_points: int) -> Batch:
     run = _int_field(doc["run"], "run", 1, MAX_ID)
     rank = _int_field(doc["rank"], "rank", 0, MAX_RANK)
     seq = _int_field(doc["seq"], "seq", 0, MAX_INT64)
-    heartbeat = doc.get("heartbeat")
-    if heartbeat is not None:
-        heartbeat = _wall_time(heartbeat, "heartbeat")
+    if doc.get("heartbeat") is not None:
+        _wall_time(doc["heartbeat"], "heartbeat", latest)
     raw = doc["points"]
     if not isinstance(raw, list):
         raise InvalidInput(f"points must be an array, not {_kind(raw)}")
     if len(raw) > max_points:
         raise PayloadTooLarge(f"batch has {len(raw)} points; the limit is {max_points}")
-    steps, wall_times, keys, values = _columns(raw)
-    return Batch(run, rank, seq, heartbeat, steps, wall_times, keys, values)
+    steps, wall_times, keys, values = _columns(raw, latest)
+    return Batch(run, rank, seq, steps, wall_times, keys, values)
 
 
 Columns = tuple[list[int], list[float], list[str], list[float | None]]
 
 
-def _columns(raw: list[Any]) -> Columns:
+def _columns(raw: list[Any], latest: float) -> Columns:
     """Check every point and split the batch into columns, naming the first bad point.
 
     One plain loop: measured faster than zip(*points) plus set/map checks.
@@ -123,11 +147,16 @@ def _columns(raw: list[Any]) -> Columns:
         step, wall_time, key, value = point
         if type(step) is not int or not 0 <= step <= MAX_INT64:
             raise InvalidInput(f"points[{i}][0] (step) must be an integer >= 0, not {step!r:.40}")
-        if type(wall_time) is not float or not isfinite(wall_time) or wall_time < 0:
-            wall_time = _wall_time(wall_time, f"points[{i}][1] (wall_time)")
+        if type(wall_time) is not float or not isfinite(wall_time) or not 0 <= wall_time <= latest:
+            wall_time = _wall_time(wall_time, f"points[{i}][1] (wall_time)", latest)
         if type(key) is not str or key not in good_keys:
             _check_key(key, i)
             good_keys.add(key)
+            if len(good_keys) > MAX_KEYS_PER_BATCH:
+                raise InvalidInput(
+                    f"batch has more than {MAX_KEYS_PER_BATCH} distinct keys; "
+                    "split it, or check that keys do not embed values"
+                )
         if type(value) is float:
             stored: float | None = None if value != value else value
         elif type(value) is int:
@@ -163,10 +192,15 @@ def _int_field(value: Any, name: str, low: int, high: int) -> int:
     return value
 
 
-def _wall_time(value: Any, name: str) -> float:
+def _wall_time(value: Any, name: str, latest: float) -> float:
     if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
         raise InvalidInput(
             f"{name} must be a finite number of seconds since the epoch, not {value!r:.40}"
+        )
+    if value > latest:
+        raise InvalidInput(
+            f"{name} {value!r:.40} is more than {MAX_CLOCK_AHEAD:.0f} s ahead of the collector's "
+            "clock; check the trainer's clock"
         )
     return float(value)
 

@@ -11,7 +11,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 
 from runwatch.collector import errors
@@ -109,10 +110,11 @@ def install(app: FastAPI) -> None:
             error_body("invalid", "a value is out of range for the database"), status_code=422
         )
 
-    @app.exception_handler(OperationalError)
-    async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeout)
+    async def _database_down(request: Request, exc: Exception) -> JSONResponse:
         count_ingest_reject(request, "unavailable")
-        log.warning("database unavailable: %s", exc.orig)
+        log.warning("database unavailable: %s", getattr(exc, "orig", exc))
         return JSONResponse(
             error_body("unavailable", "the database is unavailable; retry later"), status_code=503
         )

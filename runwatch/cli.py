@@ -25,7 +25,6 @@ from runwatch.client import Client, ClientError
 if TYPE_CHECKING:
     from runwatch.settings import Settings
 
-SCOPE_NAMES = ("ingest", "read", "operate", "admin")
 out = Console(highlight=False)
 
 

@@ -79,12 +79,14 @@ class Client:
         self,
         *,
         project: str | None = None,
+        name: str | None = None,
         state: str | None = None,
         tag: str | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
-        params = {"project": project, "state": state, "tag": tag, "limit": limit, "offset": offset}
+        params = {"project": project, "name": name, "state": state, "tag": tag}
+        params |= {"limit": limit, "offset": offset}
         return self._call("GET", "/api/v1/runs", params=_present(params))
 
     def run(self, run_id: int) -> dict[str, Any]:
@@ -92,13 +94,10 @@ class Client:
 
     def find_run(self, project: str, name: str) -> dict[str, Any]:
         """The run called ``name`` in ``project``; :class:`ClientError` 404 if none."""
-        offset = 0
-        while page := self.runs(project=project, limit=1000, offset=offset):
-            for run in page:
-                if run["name"] == name:
-                    return run
-            offset += len(page)
-        raise ClientError(404, "not_found", f"unknown run {project}/{name}")
+        found = self.runs(project=project, name=name, limit=1)
+        if not found:
+            raise ClientError(404, "not_found", f"unknown run {project}/{name}")
+        return found[0]
 
     # -- metrics ------------------------------------------------------------
     def ingest(

@@ -121,7 +121,7 @@ def test_server_verb_serves_and_says_it_is_open(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
-    assert "no API keys configured" in err and "loopback only" in err
+    assert "no API keys configured" in err and "unless it is a loopback address" in err
 
 
 def test_query_verbs_show_runs_and_metrics(collector: Collector, client: Client) -> None:

@@ -22,6 +22,7 @@ async def runs(
     principal: ReadAuth,
     store: StoreDep,
     project: str | None = None,
+    name: str | None = None,
     state: Literal["running", "finished", "failed", "crashed"] | None = None,
     tag: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -41,7 +42,7 @@ async def runs(
                     return []
             else:
                 project_id = None
-            where = RunFilter(project_id, state, tag, limit, offset)
+            where = RunFilter(project_id, name, state, tag, limit, offset)
             return [run_out(r) for r in list_runs(conn, where)]
 
     return await run_in_threadpool(query)

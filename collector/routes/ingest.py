@@ -58,6 +58,8 @@ async def ingest(
 def _checked_batch(
     body: bytes, content_type: str, principal: Principal, store: Store, max_points: int
 ) -> Batch:
-    batch = parse_batch(decode_body(body, content_type), max_points=max_points)
+    batch = parse_batch(
+        decode_body(body, content_type, max_points=max_points), max_points=max_points
+    )
     principal.check_run(store, batch.run)
     return batch

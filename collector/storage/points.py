@@ -3,8 +3,8 @@
 Batches are stored in one transaction per group (see ``writer.py``): each
 batch's ``(run, rank, seq)`` row in ``batches`` first (a replay collides with
 it and stores nothing), then the series rows they need, the points
-(executemany on SQLite, binary COPY on PostgreSQL), and the per-series summary
-(count, first/last step, last value).
+(multi-row INSERT on SQLite, binary COPY on PostgreSQL), the per-series
+summary (count, first/last step, last value) and the runs' heartbeat.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ _INSERT_BATCHES = (
     " ON CONFLICT DO NOTHING RETURNING run_id, rank, seq"
 )
 _HEARTBEAT = (
-    "UPDATE runs SET heartbeat_at = v.column1 FROM (VALUES {values}) AS v WHERE runs.id = v.column2"
+    "UPDATE runs SET heartbeat_at = v.column1 FROM (VALUES {values}) AS v"
+    " WHERE runs.id = v.column2 AND (heartbeat_at IS NULL OR heartbeat_at < v.column1)"
 )
 # One statement for all the series of a group: UPDATE ... FROM (VALUES ...), whose
 # columns both databases name column1..column6 (id, n, first, last step, time, value).
@@ -141,8 +142,6 @@ def write_batches(store: Store, group: list[Batch]) -> list[WriteResult]:
                 strict=True,
             )
             summaries += _summaries(batch, ids)
-        alive = {batch.run for batch in group}  # a replay, too, shows the agent is alive
-        _execute_values(cursor, dialect, _HEARTBEAT, [(now, run) for run in sorted(alive)])
         if rows:
             if dialect == "postgresql":
                 with cursor.copy(_COPY_POINTS) as copy:
@@ -150,6 +149,10 @@ def write_batches(store: Store, group: list[Batch]) -> list[WriteResult]:
             else:
                 _execute_values(cursor, dialect, _INSERT_POINTS, rows)
             _execute_values(cursor, dialect, _UPDATE_SUMMARIES, _merged(summaries))
+        # Last, so that the run's row is locked only briefly (PostgreSQL writers run in
+        # parallel); a replay, too, shows the agent is alive.
+        alive = sorted({batch.run for batch in group})
+        _execute_values(cursor, dialect, _HEARTBEAT, [(now, run) for run in alive])
         cursor.close()
     # Only ids of committed series rows may be cached.
     for (run_id, rank), ids in new_ids.items():
@@ -170,6 +173,7 @@ def _series_ids(
         else:
             ids[key] = cached
     if missing:
+        missing.sort()
         for key in missing:
             insert_or_ignore(conn, series, {"run_id": batch.run, "key": key, "rank": batch.rank})
         found = conn.execute(
@@ -242,7 +246,10 @@ def _insert_batch_rows(
     cursor: Any, dialect: str, group: list[Batch], now: float
 ) -> set[tuple[int, int, int]]:
     """Claim every ``(run, rank, seq)`` of the group; returns those not stored before."""
-    rows = [(b.run, b.rank, b.seq, now, len(b)) for b in group]
+    # Sorted, as every lock-taking list here, so that parallel writers cannot deadlock.
+    rows = sorted(
+        {(b.run, b.rank, b.seq): (b.run, b.rank, b.seq, now, len(b)) for b in group}.values()
+    )
     size = len(rows)
     cursor.execute(_values_sql(dialect, _INSERT_BATCHES, 5, size), list(chain.from_iterable(rows)))
     return {tuple(row) for row in cursor.fetchall()}  # type: ignore[misc]
@@ -266,7 +273,7 @@ def _merged(summaries: list[Summary]) -> list[Summary]:
             wall_time if newer else seen[4],
             value if newer else seen[5],
         )
-    return list(merged.values())
+    return [merged[sid] for sid in sorted(merged)]
 
 
 def _execute_values(cursor: Any, dialect: str, template: str, rows: list[tuple[Any, ...]]) -> None:
@@ -388,7 +395,7 @@ def metric_range(
             func.max(points.c.value),
             func.avg(points.c.value),
         )
-        .where(*where)
+        .where(*where, x.between(lo, hi))  # points that arrived since the count stay out
         .group_by(bucket)
         .order_by(bucket)
     )

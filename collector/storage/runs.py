@@ -42,6 +42,7 @@ class RunFilter:
     """What ``GET /api/v1/runs`` may filter on; None means any."""
 
     project_id: int | None = None
+    name: str | None = None
     state: str | None = None
     tag: str | None = None
     limit: int = 100
@@ -139,21 +140,13 @@ def get_run(conn: Connection, run_id: int, *, project_id: int | None = None) -> 
     return _record(row, _tags_of(conn, [run_id]).get(run_id, ()))
 
 
-def find_run(conn: Connection, project: str, name: str) -> RunRecord:
-    """The run named ``name`` in ``project``; :class:`NotFound` if absent."""
-    row = conn.execute(
-        _run_query().where(and_(projects.c.name == project, runs.c.name == name))
-    ).one_or_none()
-    if row is None:
-        raise NotFound(f"unknown run {project}/{name}")
-    return _record(row, _tags_of(conn, [row.id]).get(row.id, ()))
-
-
 def list_runs(conn: Connection, where: RunFilter) -> list[RunRecord]:
     """Runs matching ``where``, newest first."""
     query = _run_query()
     if where.project_id is not None:
         query = query.where(runs.c.project_id == where.project_id)
+    if where.name is not None:
+        query = query.where(runs.c.name == where.name)
     if where.state is not None:
         query = query.where(runs.c.state == where.state)
     if where.tag is not None:
@@ -164,16 +157,6 @@ def list_runs(conn: Connection, where: RunFilter) -> list[RunRecord]:
     rows = conn.execute(query.limit(where.limit).offset(where.offset)).all()
     tags = _tags_of(conn, [r.id for r in rows])
     return [_record(r, tags.get(r.id, ())) for r in rows]
-
-
-def touch_heartbeat(conn: Connection, run_id: int, at: float) -> None:
-    """Record that the run's agent was alive at ``at``."""
-    conn.execute(
-        update(runs)
-        .where(runs.c.id == run_id)
-        .where((runs.c.heartbeat_at.is_(None)) | (runs.c.heartbeat_at < at))
-        .values(heartbeat_at=at)
-    )
 
 
 def run_project_id(conn: Connection, run_id: int) -> int | None:

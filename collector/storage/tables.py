@@ -1,7 +1,7 @@
 """The collector's tables. Times are Unix seconds (float), the unit the agent sends.
 
 ``points`` is deliberately narrow: one row per observation, keyed by an
-integer series id, so a batch insert is a single executemany (SQLite) or COPY
+integer series id, so a batch insert is one multi-row INSERT (SQLite) or COPY
 (PostgreSQL) and a range query on one series walks one index. NaN is stored
 as NULL in ``points.value`` and ``series.last_value`` because SQLite cannot
 store NaN (it silently turns it into NULL anyway); +/-Inf are stored natively

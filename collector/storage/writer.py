@@ -1,4 +1,4 @@
-"""One writer thread per database: batches queue up and are committed in groups.
+"""Writer threads: batches queue up and are committed in groups.
 
 Several requests write concurrently, but the database takes one writer at a
 time (SQLite) or pays a commit per transaction (both). Handing every batch to
@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+
+import psycopg
+import sqlalchemy.exc
 
 from runwatch.collector.batch import Batch
 from runwatch.collector.errors import Unavailable
@@ -31,6 +35,13 @@ MAX_GROUP_POINTS = 50_000
 """A group stops growing here, so one commit never holds the writer for long."""
 
 _Job = tuple[Batch, "Future[WriteResult]"]
+
+TRANSIENT_ERRORS = (
+    sqlite3.OperationalError,
+    psycopg.OperationalError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.TimeoutError,
+)
 
 
 POSTGRES_WRITERS = 3
@@ -79,31 +90,43 @@ class BatchWriter:
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, then stop the threads."""
         for _ in self._threads:
-            self._jobs.put(None)
+            try:
+                self._jobs.put(None, timeout=timeout)
+            except queue.Full:
+                break
         for thread in self._threads:
             thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            first = self._jobs.get()
-            if first is None:
-                return
-            group = [first]
-            points = len(first[0])
-            stop = False
-            while points < MAX_GROUP_POINTS:
+            group, stop = self._next_group()
+            if group:
                 try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                group.append(job)
-                points += len(job[0])
-            self._write(group)
+                    self._write(group)
+                except Exception:  # never let the thread die: later batches would hang
+                    log.exception("writer failed on a group of %d batches", len(group))
             if stop:
                 return
+
+    def _next_group(self) -> tuple[list[_Job], bool]:
+        """Block for one job, then take what else has queued; True when told to stop."""
+        group: list[_Job] = []
+        points = 0
+        job = self._jobs.get()
+        while job is not None:
+            batch, future = job
+            # A job whose request was cancelled is dropped (the agent will resend it);
+            # once running, its future can no longer be cancelled under our feet.
+            if future.set_running_or_notify_cancel():
+                group.append(job)
+                points += len(batch)
+            if points >= MAX_GROUP_POINTS:
+                return group, False
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return group, False
+        return group, True
 
     def _write(self, group: list[_Job]) -> None:
         started = time.perf_counter()
@@ -119,12 +142,19 @@ class BatchWriter:
                 for job in group:
                     self._write([job])
                 return
-            # The hot path talks to the driver directly, so its errors arrive unwrapped:
-            # whatever it is, the batch is not stored and the agent should retry it.
-            log.exception("could not store a batch of run %d", group[0][0].run)
-            group[0][1].set_exception(
-                Unavailable(f"the batch could not be stored ({type(exc).__name__}); retry")
-            )
+            group[0][1].set_exception(_as_reply(exc, group[0][0]))
             return
         for (_, future), result in zip(group, results, strict=True):
             future.set_result(result)
+
+
+def _as_reply(exc: Exception, batch: Batch) -> Exception:
+    """A database that is busy, locked or gone means 'retry later'; anything else is a bug.
+
+    The hot path talks to the driver directly, so its errors arrive unwrapped.
+    """
+    if isinstance(exc, TRANSIENT_ERRORS):
+        log.warning("could not store a batch of run %d: %s", batch.run, exc)
+        return Unavailable(f"the batch could not be stored now ({type(exc).__name__}); retry")
+    log.error("could not store a batch of run %d", batch.run, exc_info=exc)
+    return exc

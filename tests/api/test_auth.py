@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from runwatch import wire
-from runwatch.api.auth import authenticate
+from runwatch.api.auth import Principal, authorize, bearer_secret, lookup_state
 from runwatch.api.deps import get_settings
 from runwatch.cli import main as cli
 from runwatch.collector.errors import Unauthorized
@@ -341,6 +341,12 @@ def test_check_exposure_refuses_an_unprotected_public_bind(
             check_exposure(settings)
     else:
         assert check_exposure(settings) is open_server
+
+
+def authenticate(store: Store, header: str | None, scope: str, *, loopback: bool) -> Principal:
+    """What the request dependency decides, without its cache."""
+    secret = bearer_secret(header)
+    return authorize(lookup_state(store, secret), secret, scope, loopback=loopback)
 
 
 def test_authenticate_off_loopback_without_keys_rejects_every_request(db_url: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -223,6 +224,12 @@ INGEST_CASES = [
     pytest.param(Bad(mp(point(wall_time=-1.0)), 422, "points[1][1] (wall_time) must be a finite number of seconds since the epoch, not -1.0"), id="wall-time-negative-float"),  # noqa: E501
     # wall_time as a string
     pytest.param(Bad(mp(point(wall_time="2001")), 422, "points[1][1] (wall_time)"), id="wall-time-string"),  # noqa: E501
+    # a wall time years ahead of the collector's clock would stay "latest" for good
+    pytest.param(Bad(mp(point(wall_time=4e9)), 422, "points[1][1] (wall_time) 4000000000.0 is more than 86400 s ahead"), id="wall-time-future"),  # noqa: E501
+    # a heartbeat from the future
+    pytest.param(Bad(mp(batch(heartbeat=1e12)), 422, "heartbeat 1000000000000.0 is more than 86400 s ahead"), id="heartbeat-future"),  # noqa: E501
+    # one key per point, each a value baked into the name
+    pytest.param(Bad(mp(batch(points=[[1, 2000.0, f"loss@{i}", 0.5] for i in range(10_001)])), 422, "more than 10000 distinct keys"), id="too-many-keys"),  # noqa: E501
     # the run id as a string
     pytest.param(Bad(mp(batch(run="1")), 422, "run must be an integer in [1, 2147483647], not '1'"), id="run-string"),  # noqa: E501
     # run ids start at 1
@@ -431,8 +438,11 @@ def test_too_many_points_is_413_and_stores_nothing(limited: Collector) -> None:
     points = [[i, 2000.0 + i, "loss", 1.0] for i in range(SMALL_BATCH + 1)]
     reply = limited.post(INGEST, mp(batch(points=points))(run), wire.MSGPACK)
     assert_refused(
-        reply, 413, "payload_too_large", f"batch has {SMALL_BATCH + 1} points; the limit is 5"
+        reply, 413, "payload_too_large", f"{SMALL_BATCH + 1} elements; the limit is 5 points"
     )
+    as_json = orjson.dumps(batch(points=points) | {"run": run})
+    reply = limited.post(INGEST, as_json, wire.JSON)
+    assert_refused(reply, 413, "payload_too_large", f"batch has {SMALL_BATCH + 1} points")
     assert snapshot(limited.http, run) == before
     reply = limited.post(INGEST, mp(batch(points=points[:SMALL_BATCH]))(run), wire.MSGPACK)
     assert reply.json() == {"accepted": SMALL_BATCH, "duplicate": False}
@@ -690,7 +700,7 @@ def test_numbers_beyond_the_columns_get_an_answer_not_a_500(
         # the full step range the wire accepts
         pytest.param("step", [0, 1, wire.MAX_INT64], 1, id="step-max"),
         # wall times from the epoch to near the largest float
-        pytest.param("time", [0.0, 1.0, 1.7e308], 2, id="time-max"),
+        pytest.param("time", [0.0, 1.0, time.time() + 3600], 2, id="time-max"),
     ],
 )
 def test_downsampling_works_over_the_extremes_the_wire_accepts(
