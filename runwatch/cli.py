@@ -36,14 +36,11 @@ def main() -> None:
 
 # -- server side ----------------------------------------------------------------
 def _settings(**flags: Any) -> Settings:
-    try:
-        from pydantic import ValidationError
+    """Settings from flags over the environment (callers run under :func:`_domain_errors`)."""
+    from pydantic import ValidationError
 
-        from runwatch.settings import Settings
-    except ImportError:
-        raise click.ClickException(
-            "this command needs the server extras: pip install 'runwatch[server]'"
-        ) from None
+    from runwatch.settings import Settings
+
     try:
         return Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
@@ -304,7 +301,7 @@ def runs_show(run: str, server: str | None, api_key: str | None, as_json: bool) 
             str(s["rank"]),
             str(s["n_points"]),
             str(s["last_step"]),
-            _number(s["last_value"]),
+            format_number(s["last_value"]),
         )
     out.print(table)
 
@@ -347,22 +344,28 @@ def metrics_get(
         _print_json(found)
         return
     if found["downsampled"]:
-        table = Table("steps", "count", "NaN", "min", "mean", "max")
-        for b in found["buckets"]:
-            table.add_row(
-                f"{b['step_min']}-{b['step_max']}",
-                str(b["count"]),
-                str(b["nan_count"]),
-                _number(b["min"]),
-                _number(b["mean"]),
-                _number(b["max"]),
-            )
+        table = bucket_table(found["buckets"])
     else:
         table = Table("step", "time", "value")
         for step, wall_time, value in found["points"]:
-            table.add_row(str(step), _when(wall_time), _number(value))
+            table.add_row(str(step), _when(wall_time), format_number(value))
     out.print(table)
     out.print(f"{found['total']} point(s) of {key!r} (rank {rank}) in range")
+
+
+def bucket_table(buckets: list[dict[str, Any]], *, title: str | None = None) -> Table:
+    """Downsampled buckets as a table: step span, count, NaN count, min, mean, max."""
+    table = Table("steps", "count", "NaN", "min", "mean", "max", title=title)
+    for b in buckets:
+        table.add_row(
+            f"{b['step_min']}-{b['step_max']}",
+            str(b["count"]),
+            str(b["nan_count"]),
+            format_number(b["min"]),
+            format_number(b["mean"]),
+            format_number(b["max"]),
+        )
+    return table
 
 
 def _print_json(value: Any) -> None:
@@ -380,7 +383,8 @@ def _print_json(value: Any) -> None:
     sys.stdout.write(orjson.dumps(clean(value), option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
-def _number(value: float | None) -> str:
+def format_number(value: float | None) -> str:
+    """A value for a table: 6 significant digits, nan/inf as words, - for none."""
     if value is None:
         return "-"
     return f"{value:.6g}" if math.isfinite(value) else str(value)

@@ -17,6 +17,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from runwatch import wire
+from runwatch.cli import bucket_table, format_number
 from runwatch.client import Client
 from runwatch.collector.server import ServerThread
 from runwatch.settings import Settings
@@ -78,41 +79,29 @@ def show(client: Client, run_id: int) -> None:
     series = Table("key", "rank", "points", "last step", "last value", title="GET .../series")
     for s in client.series(run_id):
         series.add_row(
-            s["key"], str(s["rank"]), str(s["n_points"]), str(s["last_step"]), _fmt(s["last_value"])
+            s["key"],
+            str(s["rank"]),
+            str(s["n_points"]),
+            str(s["last_step"]),
+            format_number(s["last_value"]),
         )
     console.print(series)
 
     loss = client.metrics(run_id, "loss", max_points=12)
-    buckets = Table(
-        "steps",
-        "points",
-        "NaN",
-        "min",
-        "mean",
-        "max",
-        title="GET .../metrics?key=loss&max_points=12",
-    )
-    for b in loss["buckets"]:
-        buckets.add_row(
-            f"{b['step_min']}-{b['step_max']}",
-            str(b["count"]),
-            str(b["nan_count"]),
-            _fmt(b["min"]),
-            _fmt(b["mean"]),
-            _fmt(b["max"]),
-        )
-    console.print(buckets)
+    console.print(bucket_table(loss["buckets"], title="GET .../metrics?key=loss&max_points=12"))
 
     around = client.metrics(run_id, "loss", start=NAN_STEP - 2, end=NAN_STEP + 2)
     raw = Table("step", "loss", title=f"loss around step {NAN_STEP}")
     for step, _, value in around["points"]:
-        raw.add_row(str(step), _fmt(value))
+        raw.add_row(str(step), format_number(value))
     console.print(raw)
 
     latest = client.latest(run_id)
     console.print(
         "GET .../latest: "
-        + ", ".join(f"{k}={_fmt(v['value'])} @ {v['step']}" for k, v in sorted(latest.items()))
+        + ", ".join(
+            f"{k}={format_number(v['value'])} @ {v['step']}" for k, v in sorted(latest.items())
+        )
     )
 
 
@@ -138,12 +127,6 @@ def main() -> None:
         "  .venv/bin/runwatch runs show demo/synthetic\n"
         "  .venv/bin/runwatch metrics get demo/synthetic loss --max-points 20"
     )
-
-
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if math.isfinite(value) else f"[red]{value}[/]"
 
 
 if __name__ == "__main__":
