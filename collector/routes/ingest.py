@@ -12,6 +12,7 @@ from runwatch.api.auth import Principal
 from runwatch.api.deps import IngestAuth, SettingsDep, StoreDep, TelemetryDep, WriterDep
 from runwatch.api.schemas import IngestReply
 from runwatch.collector.batch import Batch, decode_body, parse_batch
+from runwatch.collector.storage.points import Prepared, prepare
 from runwatch.collector.storage.store import Store
 from runwatch.wire import JSON, MSGPACK
 
@@ -42,10 +43,10 @@ async def ingest(
     started = time.perf_counter()
     body = await request.body()
     content_type = request.headers.get("content-type", "")
-    batch = await run_in_threadpool(
+    batch, prepared = await run_in_threadpool(
         _checked_batch, body, content_type, principal, store, settings.max_points_per_batch
     )
-    result = await asyncio.wrap_future(writer.submit(batch))
+    result = await asyncio.wrap_future(writer.submit(batch, prepared))
     if result.stored:
         telemetry.batches.labels("stored").inc()
         telemetry.points.inc(result.n_points)
@@ -57,9 +58,9 @@ async def ingest(
 
 def _checked_batch(
     body: bytes, content_type: str, principal: Principal, store: Store, max_points: int
-) -> Batch:
+) -> tuple[Batch, Prepared | None]:
     batch = parse_batch(
         decode_body(body, content_type, max_points=max_points), max_points=max_points
     )
     principal.check_run(store, batch.run)
-    return batch
+    return batch, prepare(store, batch)

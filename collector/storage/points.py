@@ -13,6 +13,7 @@ import math
 import struct
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain, islice
@@ -110,44 +111,87 @@ class MetricRange:
     buckets: list[Bucket]
 
 
-def write_batches(store: Store, group: list[Batch]) -> list[WriteResult]:
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A batch's rows and summaries, built before the batch reaches the writer.
+
+    Building them is Python work; done in the request's thread it runs while
+    the writer is inside the database (which releases the GIL), instead of
+    after it. ``points`` holds flat INSERT parameters (SQLite) or binary COPY
+    rows without header and trailer (PostgreSQL).
+    """
+
+    points: list[Any] | bytes
+    summaries: list[Summary]
+
+
+def prepare(store: Store, batch: Batch) -> Prepared | None:
+    """The batch's rows when every one of its series ids is cached, else None."""
+    ids: dict[str, int] = {}
+    for key in set(batch.keys):
+        series_id = store.cached_series_id(batch.run, batch.rank, key)
+        if series_id is None:
+            return None
+        ids[key] = series_id
+    return _prepared(store.dialect, batch, ids)
+
+
+def _prepared(dialect: str, batch: Batch, ids: dict[str, int]) -> Prepared:
+    rows = zip(
+        map(ids.__getitem__, batch.keys),
+        batch.steps,
+        batch.wall_times,
+        batch.values,
+        strict=True,
+    )
+    points = _copy_rows(rows) if dialect == "postgresql" else list(chain.from_iterable(rows))
+    return Prepared(points, _summaries(batch, ids))
+
+
+def write_batches(
+    store: Store, group: list[Batch], prepared: list[Prepared | None] | None = None
+) -> list[WriteResult]:
     """Store each batch of ``group`` exactly once, all in one transaction.
 
-    The runs must exist (checked by the caller). Returns one result per batch,
-    in order; a batch already stored (or repeated within the group) is a
-    duplicate and stores nothing.
+    The runs must exist (checked by the caller). ``prepared`` (aligned with
+    ``group``) saves rebuilding rows; a None entry is built here. Returns one
+    result per batch, in order; a batch already stored (or repeated within the
+    group) is a duplicate and stores nothing.
     """
     new_ids: dict[tuple[int, int], dict[str, int]] = {}
     results: list[WriteResult] = []
-    rows: list[tuple[int, int, float, float | None]] = []
+    flat_points: list[Any] = []
+    copy_rows: list[bytes] = []
     summaries: list[Summary] = []
     now = time.time()
     with store.write() as conn:
         dialect = conn.dialect.name
         cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
         fresh_batches = _insert_batch_rows(cursor, dialect, group, now)
-        for batch in group:
+        for i, batch in enumerate(group):
             first = (batch.run, batch.rank, batch.seq) in fresh_batches
             fresh_batches.discard((batch.run, batch.rank, batch.seq))  # a repeat in the group
             results.append(WriteResult(stored=first, n_points=len(batch) if first else 0))
             if not first or not batch.steps:
                 continue
-            fresh = new_ids.setdefault((batch.run, batch.rank), {})
-            ids = _series_ids(store, conn, batch, fresh)
-            rows += zip(
-                map(ids.__getitem__, batch.keys),
-                batch.steps,
-                batch.wall_times,
-                batch.values,
-                strict=True,
-            )
-            summaries += _summaries(batch, ids)
-        if rows:
-            if dialect == "postgresql":
-                with cursor.copy(_COPY_POINTS) as copy:
-                    copy.write(_copy_payload(rows))
+            ready = prepared[i] if prepared is not None else None
+            if ready is None:
+                fresh = new_ids.setdefault((batch.run, batch.rank), {})
+                ready = _prepared(dialect, batch, _series_ids(store, conn, batch, fresh))
+            if isinstance(ready.points, bytes):
+                copy_rows.append(ready.points)
             else:
-                _execute_values(cursor, dialect, _INSERT_POINTS, rows)
+                flat_points += ready.points
+            summaries += ready.summaries
+        if copy_rows:
+            with cursor.copy(_COPY_POINTS) as copy:
+                copy.write(b"".join([_COPY_SIGNATURE, *copy_rows, _COPY_TRAILER]))
+        if flat_points:
+            step = 4 * MAX_ROWS_PER_STATEMENT
+            for start in range(0, len(flat_points), step):
+                chunk = flat_points[start : start + step]
+                cursor.execute(_values_sql(dialect, _INSERT_POINTS, 4, len(chunk) // 4), chunk)
+        if summaries:
             _execute_values(cursor, dialect, _UPDATE_SUMMARIES, _merged(summaries))
         # Last, so that the run's row is locked only briefly (PostgreSQL writers run in
         # parallel); a replay, too, shows the agent is alive.
@@ -200,17 +244,17 @@ _COPY_ROW = struct.Struct("!hiiiqidid")
 _COPY_ROW_NULL_VALUE = struct.Struct("!hiiiqidi")
 
 
-def _copy_payload(rows: list[tuple[int, int, float, float | None]]) -> bytes:
+def _copy_rows(rows: Iterable[tuple[int, int, float, float | None]]) -> bytes:
+    """Rows in binary COPY format, without the signature and trailer around them."""
     pack, pack_null = _COPY_ROW.pack, _COPY_ROW_NULL_VALUE.pack
-    parts = [_COPY_SIGNATURE]
-    parts += [
-        pack(4, 4, sid, 8, step, 8, t, 8, v)
-        if v is not None
-        else pack_null(4, 4, sid, 8, step, 8, t, -1)
-        for sid, step, t, v in rows
-    ]
-    parts.append(_COPY_TRAILER)
-    return b"".join(parts)
+    return b"".join(
+        [
+            pack(4, 4, sid, 8, step, 8, t, 8, v)
+            if v is not None
+            else pack_null(4, 4, sid, 8, step, 8, t, -1)
+            for sid, step, t, v in rows
+        ]
+    )
 
 
 def _summaries(batch: Batch, ids: dict[str, int]) -> list[Summary]:

@@ -24,7 +24,7 @@ import sqlalchemy.exc
 
 from runwatch.collector.batch import Batch
 from runwatch.collector.errors import Unavailable
-from runwatch.collector.storage.points import WriteResult, write_batches
+from runwatch.collector.storage.points import Prepared, WriteResult, write_batches
 from runwatch.collector.storage.store import Store
 
 log = logging.getLogger("runwatch.collector")
@@ -34,7 +34,7 @@ MAX_QUEUED_BATCHES = 256
 MAX_GROUP_POINTS = 50_000
 """A group stops growing here, so one commit never holds the writer for long."""
 
-_Job = tuple[Batch, "Future[WriteResult]"]
+_Job = tuple[Batch, Prepared | None, "Future[WriteResult]"]
 
 TRANSIENT_ERRORS = (
     sqlite3.OperationalError,
@@ -74,11 +74,11 @@ class BatchWriter:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, batch: Batch) -> Future[WriteResult]:
+    def submit(self, batch: Batch, prepared: Prepared | None = None) -> Future[WriteResult]:
         """Queue ``batch``; the future resolves once it is committed (or fails)."""
         future: Future[WriteResult] = Future()
         try:
-            self._jobs.put_nowait((batch, future))
+            self._jobs.put_nowait((batch, prepared, future))
         except queue.Full:
             raise Unavailable(
                 f"the collector has {self._jobs.maxsize} batches waiting to be written; "
@@ -114,7 +114,7 @@ class BatchWriter:
         points = 0
         job = self._jobs.get()
         while job is not None:
-            batch, future = job
+            batch, _, future = job
             # A job whose request was cancelled is dropped (the agent will resend it);
             # once running, its future can no longer be cancelled under our feet.
             if future.set_running_or_notify_cancel():
@@ -131,7 +131,9 @@ class BatchWriter:
     def _write(self, group: list[_Job]) -> None:
         started = time.perf_counter()
         try:
-            results = write_batches(self.store, [batch for batch, _ in group])
+            results = write_batches(
+                self.store, [batch for batch, _, _ in group], [ready for _, ready, _ in group]
+            )
             if self._observe is not None:
                 self._observe(time.perf_counter() - started)
         except Exception as exc:
@@ -142,9 +144,9 @@ class BatchWriter:
                 for job in group:
                     self._write([job])
                 return
-            group[0][1].set_exception(_as_reply(exc, group[0][0]))
+            group[0][2].set_exception(_as_reply(exc, group[0][0]))
             return
-        for (_, future), result in zip(group, results, strict=True):
+        for (_, _, future), result in zip(group, results, strict=True):
             future.set_result(result)
 
 
