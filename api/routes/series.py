@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from runwatch.api.deps import Rank, ReadAuth, RunId, StoreDep
 from runwatch.api.schemas import BucketOut, LatestOut, LatestValue, MetricRangeOut, SeriesOut
 from runwatch.collector.errors import InvalidInput
-from runwatch.collector.storage.points import get_series, list_series, metric_range
+from runwatch.collector.storage.queries import get_series, list_series, metric_range
 
 router = APIRouter(prefix="/api/v1/runs/{run_id}", tags=["metrics"])
 

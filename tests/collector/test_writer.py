@@ -9,7 +9,8 @@ import pytest
 
 from runwatch.collector.batch import Batch
 from runwatch.collector.storage import migrate
-from runwatch.collector.storage.points import list_series, metric_range, write_batches
+from runwatch.collector.storage.points import write_batches
+from runwatch.collector.storage.queries import list_series, metric_range
 from runwatch.collector.storage.runs import create_or_resume
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.writer import BatchWriter
