@@ -22,16 +22,7 @@ async def series(run_id: RunId, principal: ReadAuth, store: StoreDep) -> list[Se
         principal.check_run(store, run_id)
         with store.read() as conn:
             return [
-                SeriesOut(
-                    key=s.key,
-                    rank=s.rank,
-                    n_points=s.n_points,
-                    first_step=s.first_step,
-                    last_step=s.last_step,
-                    last_wall_time=s.last_wall_time,
-                    last_value=s.last_value,
-                )
-                for s in list_series(conn, run_id)
+                SeriesOut.model_validate(s, from_attributes=True) for s in list_series(conn, run_id)
             ]
 
     return await run_in_threadpool(query)
