@@ -103,7 +103,7 @@ def _prepared(dialect: str, batch: Batch, ids: dict[str, int]) -> Prepared:
         batch.values,
         strict=True,
     )
-    points = _copy_rows(rows) if dialect == "postgresql" else list(chain.from_iterable(rows))
+    points = _copy_rows(rows) if dialect == "postgresql" else _flat(rows)
     return Prepared(points, _summaries(batch, ids))
 
 
@@ -146,16 +146,13 @@ def write_batches(
             with cursor.copy(_COPY_POINTS) as copy:
                 copy.write(b"".join([_COPY_SIGNATURE, *copy_rows, _COPY_TRAILER]))
         if flat_points:
-            step = 4 * MAX_ROWS_PER_STATEMENT
-            for start in range(0, len(flat_points), step):
-                chunk = flat_points[start : start + step]
-                cursor.execute(_values_sql(dialect, _INSERT_POINTS, 4, len(chunk) // 4), chunk)
+            _execute_values(cursor, dialect, _INSERT_POINTS, 4, flat_points)
         if summaries:
-            _execute_values(cursor, dialect, _UPDATE_SUMMARIES, _merged(summaries))
+            _execute_values(cursor, dialect, _UPDATE_SUMMARIES, 6, _flat(_merged(summaries)))
         # Last, so that the run's row is locked only briefly (PostgreSQL writers run in
         # parallel); a replay, too, shows the agent is alive.
         alive = sorted({batch.run for batch in group})
-        _execute_values(cursor, dialect, _HEARTBEAT, [(now, run) for run in alive])
+        _execute_values(cursor, dialect, _HEARTBEAT, 2, _flat((now, run) for run in alive))
         cursor.close()
     # Only ids of committed series rows may be cached.
     for (run_id, rank), ids in new_ids.items():
@@ -253,9 +250,8 @@ def _insert_batch_rows(
     rows = sorted(
         {(b.run, b.rank, b.seq): (b.run, b.rank, b.seq, now, len(b)) for b in group}.values()
     )
-    size = len(rows)
-    cursor.execute(_values_sql(dialect, _INSERT_BATCHES, 5, size), list(chain.from_iterable(rows)))
-    return {tuple(row) for row in cursor.fetchall()}  # type: ignore[misc]
+    claimed = _execute_values(cursor, dialect, _INSERT_BATCHES, 5, _flat(rows))
+    return {(run, rank, seq) for run, rank, seq in claimed}
 
 
 def _merged(summaries: list[Summary]) -> list[Summary]:
@@ -279,23 +275,31 @@ def _merged(summaries: list[Summary]) -> list[Summary]:
     return [merged[sid] for sid in sorted(merged)]
 
 
-def _execute_values(cursor: Any, dialect: str, template: str, rows: list[tuple[Any, ...]]) -> None:
-    """Run ``template`` with its ``{values}`` filled by ``rows``, a few statements in all.
+def _execute_values(
+    cursor: Any, dialect: str, template: str, width: int, params: list[Any]
+) -> list[tuple[Any, ...]]:
+    """Run ``template`` with ``{values}`` filled by rows of ``width`` flat ``params``.
 
-    One statement per chunk instead of executemany: the SQLite driver releases
-    the GIL around every row it steps, and under load each re-acquisition can
-    wait a whole switch interval (measured: 1,100 rows/s with one busy thread
-    beside it, against 19,000 with multi-row statements). Batches mostly come in
-    a few sizes, so the driver's statement cache keeps their statements compiled.
+    One statement per chunk of :data:`MAX_ROWS_PER_STATEMENT` rows instead of
+    executemany: the SQLite driver releases the GIL around every row it steps,
+    and under load each re-acquisition can wait a whole switch interval
+    (measured: 1,100 rows/s with one busy thread beside it, against 19,000 with
+    multi-row statements). Batches mostly come in a few sizes, so the driver's
+    statement cache keeps their statements compiled. Returns what a RETURNING
+    clause gave back, over all chunks.
     """
-    width = len(rows[0])
-    for start in range(0, len(rows), MAX_ROWS_PER_STATEMENT):
-        chunk = rows[start : start + MAX_ROWS_PER_STATEMENT]
-        size = len(chunk)
-        cursor.execute(
-            _values_sql(dialect, template, width, size), list(chain.from_iterable(chunk))
-        )
-        start += size
+    returned: list[tuple[Any, ...]] = []
+    step = width * MAX_ROWS_PER_STATEMENT
+    for start in range(0, len(params), step):
+        chunk = params[start : start + step]
+        cursor.execute(_values_sql(dialect, template, width, len(chunk) // width), chunk)
+        if cursor.description is not None:
+            returned += cursor.fetchall()
+    return returned
+
+
+def _flat(rows: Iterable[tuple[Any, ...]]) -> list[Any]:
+    return list(chain.from_iterable(rows))
 
 
 @lru_cache(maxsize=256)
