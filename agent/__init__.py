@@ -1,0 +1,112 @@
+"""The in-trainer agent: ``run = runwatch.init(project=...)``, ``run.watch``, ``run.log``.
+
+Installs without the server's dependencies and imports without torch; torch is
+imported when :meth:`Run.watch` is called.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from runwatch.agent.distributed import placement
+from runwatch.agent.options import Options, resolve
+from runwatch.agent.run import Run
+from runwatch.agent.worker import Stats
+
+__all__ = ["DisabledRun", "Options", "Run", "init"]
+
+log = logging.getLogger("runwatch.agent")
+
+
+def init(
+    project: str | None = None,
+    name: str | None = None,
+    *,
+    server: str | None = None,
+    api_key: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    tags: Sequence[str] | None = None,
+    flush_interval: float | None = None,
+    batch_points: int | None = None,
+    queue_points: int | None = None,
+    heartbeat_interval: float | None = None,
+    system_interval: float | None = None,
+    request_timeout: float | None = None,
+    retry_window: float | None = None,
+    spool_dir: str | Path | None = None,
+    spool_bytes: int | None = None,
+    finish_timeout: float | None = None,
+    all_ranks: bool | None = None,
+    disabled: bool | None = None,
+) -> Run | DisabledRun:
+    """Start watching a run: create or resume ``name`` in ``project`` on the collector.
+
+    Returns at once; the collector is contacted in the background, and a collector
+    that is down costs the trainer nothing (points wait in memory, then on disk).
+    Server and key default to ``RUNWATCH_SERVER`` and ``RUNWATCH_API_KEY``; see
+    :class:`~runwatch.agent.options.Options` for every option. A bad option raises
+    ``ValueError``; anything else that goes wrong gives a :class:`DisabledRun`.
+    """
+    options = resolve(
+        project,
+        name=name,
+        server=server,
+        api_key=api_key,
+        config=dict(config) if config is not None else None,
+        tags=tags,
+        flush_interval=flush_interval,
+        batch_points=batch_points,
+        queue_points=queue_points,
+        heartbeat_interval=heartbeat_interval,
+        system_interval=system_interval,
+        request_timeout=request_timeout,
+        retry_window=retry_window,
+        spool_dir=spool_dir,
+        spool_bytes=spool_bytes,
+        finish_timeout=finish_timeout,
+        all_ranks=all_ranks,
+        disabled=disabled,
+    )
+    if options.disabled:
+        return DisabledRun(options)
+    try:
+        return Run(options, placement())
+    except Exception:
+        log.warning("runwatch agent: init failed; this run is not recorded", exc_info=True)
+        return DisabledRun(options)
+
+
+class DisabledRun:
+    """The same surface as :class:`Run`, doing nothing (``RUNWATCH_DISABLED=1``, failed init)."""
+
+    id = None
+    step = 0
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.name = options.name
+        self.stats = Stats()
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Do nothing."""
+
+    def watch(self, *args: Any, **kwargs: Any) -> None:
+        """Do nothing."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return True
+
+    def finish(self, state: str = "finished") -> None:
+        """Do nothing."""
+
+    def __enter__(self) -> DisabledRun:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None

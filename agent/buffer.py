@@ -129,6 +129,10 @@ class PointBuffer:
         """Sleep until ``ready_size`` points are queued or ``timeout`` passes."""
         return self._ready.wait(timeout)
 
+    def wake(self) -> None:
+        """End a :meth:`wait` now (a flush or a stop was asked for)."""
+        self._ready.set()
+
     def reset_after_fork(self) -> None:
         """A forked child inherits the lock in any state; start it afresh, empty."""
         self._lock = threading.Lock()
