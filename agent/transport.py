@@ -80,7 +80,7 @@ class _QuietSender(logging.Filter):
     """Keep httpx's per-request INFO lines from the sender thread out of the trainer's log."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.threadName == SENDER_THREAD or record.levelno > logging.INFO
+        return record.threadName != SENDER_THREAD or record.levelno > logging.INFO
 
 
 SENDER_THREAD = "runwatch-sender"
