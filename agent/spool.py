@@ -71,7 +71,7 @@ class Spool:
         """The oldest frame not yet delivered, or None when the spool is empty."""
         while self._segments:
             if self._head_loaded != self._segments[0]:
-                self._head = deque(_frames(self._segments[0].read_bytes()))
+                self._head = deque(split_frames(self._segments[0].read_bytes()))
                 self._head_loaded = self._segments[0]
             if self._head:
                 return self._head[0]
@@ -87,7 +87,7 @@ class Spool:
 
     def _drop_oldest(self) -> None:
         oldest = self._segments[0]
-        frames = self._head if self._head_loaded == oldest else _frames(oldest.read_bytes())
+        frames = self._head if self._head_loaded == oldest else split_frames(oldest.read_bytes())
         for frame in frames:
             self.dropped_batches += 1
             self.dropped_points += point_count(frame)
@@ -101,7 +101,7 @@ class Spool:
         path.unlink(missing_ok=True)
 
 
-def _frames(data: bytes) -> list[bytes]:
+def split_frames(data: bytes) -> list[bytes]:
     """Split a segment into frames; a torn last frame (crash mid-write) is ignored."""
     frames, offset = [], 0
     while offset + HEADER.size <= len(data):

@@ -155,7 +155,8 @@ class Sender:
         self._transport.close()
 
     def _drained(self) -> bool:
-        return not len(self.buffer) and not self._outbox and not self._spool
+        empty = not len(self.buffer) and not self._outbox and not self._spool
+        return empty and (self.run_id is not None or self._gave_up)
 
     # -- the thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -169,7 +170,8 @@ class Sender:
                 self._idle.notify_all()
             if stopping:
                 return
-            self.buffer.wait(self._sleep())
+            if not self._stop.is_set():  # a stop during the cycle: its wake-up was drained
+                self.buffer.wait(self._sleep())
 
     def _sleep(self) -> float:
         now = time.monotonic()
