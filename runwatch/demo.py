@@ -1,131 +1,145 @@
-"""``make demo``: a collector on SQLite, a synthetic two-rank run streamed into it, queried back.
+"""``make demo``: a real training run on the CPU, watched by the agent, against the embedded
+collector.
 
-Everything travels over HTTP on 127.0.0.1, exactly as an agent and a user
-would use it; the database is left in ``.demo/runwatch.db`` for the CLI.
+A collector on SQLite (``.demo/runwatch.db``) runs in this process on a loopback
+port; a tiny byte-level transformer (:mod:`runwatch.tinylm`) learns from the
+source of a few standard-library modules while ``runwatch.init`` / ``run.watch``
+/ ``run.log`` stream its signals over HTTP, exactly as in a user's script. At
+the end the demo asks the collector's query API what it recorded.
 """
 
 from __future__ import annotations
 
-import math
-import random
+import argparse
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from runwatch import wire
+import runwatch
 from runwatch.cli import bucket_table, format_number
 from runwatch.client import Client
 from runwatch.collector.server import ServerThread
 from runwatch.settings import Settings
+from runwatch.tinylm import TinyConfig, TinyLM, batches, corpus, loss_of, warmup_cosine
 
-STEPS = 600
-RANKS = 2
-FLUSH_EVERY = 25
-NAN_STEP = 412
+STEPS = 300
+BATCH = 16
+VALIDATE_EVERY = 50
 console = Console(highlight=False)
 
 
-def synthetic_step(step: int, rank: int, rng: random.Random, now: float) -> list[wire.Point]:
-    """What a trainer would log at ``step``: training signals on rank 0, system metrics on all."""
-    points = [
-        wire.Point(step, now, "step_time", 0.25 + 0.02 * rng.random() + 0.05 * rank),
-        wire.Point(step, now, "sys/cpu_percent", 60 + 20 * rng.random()),
-    ]
-    if rank == 0:
-        warmup = min(1.0, step / 50)
-        lr = 3e-4 * warmup * 0.5 * (1 + math.cos(math.pi * step / STEPS))
-        loss = 4.0 * math.exp(-step / 150) + 0.3 + 0.05 * rng.gauss(0, 1)
-        points += [
-            wire.Point(step, now, "loss", math.nan if step == NAN_STEP else loss),
-            wire.Point(step, now, "lr", lr),
-            wire.Point(step, now, "grad_norm", abs(rng.gauss(1.0, 0.2))),
-        ]
-    return points
+def train(server: str, steps: int, spool: Path) -> int:
+    """Train the tiny model for ``steps`` steps under the agent; returns the run id."""
+    torch.manual_seed(0)
+    config = TinyConfig()
+    data = corpus()
+    split = len(data) * 9 // 10
+    train_data = batches(data[:split], batch_size=BATCH, context=config.context)
+    val_data = batches(data[split:], batch_size=BATCH, context=config.context, seed=1)
+    model = TinyLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    scheduler = warmup_cosine(optimizer, warmup=min(30, steps // 5 + 1), total=steps)
+    hyper = {"steps": steps, "batch": BATCH, "lr": 3e-3, **dataclasses.asdict(config)}
+
+    with runwatch.init(
+        project="demo",
+        name=time.strftime("tiny-lm-%Y%m%d-%H%M%S"),
+        server=server,
+        config=hyper,
+        tags=["demo", "cpu"],
+        spool_dir=spool,
+        system_interval=1.0,
+    ) as run:
+        run.watch(model, optimizer, scheduler)
+        columns = (
+            TextColumn("[bold]training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("train", total=steps, loss="-")
+            for step in range(steps):
+                inputs, targets = next(train_data)
+                loss = loss_of(model, inputs, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                run.log({"train/loss": loss})
+                if step % VALIDATE_EVERY == VALIDATE_EVERY - 1 or step == steps - 1:
+                    run.log({"val/loss": validate(model, val_data)})
+                progress.update(task, advance=1, loss=f"{loss.item():.3f}")
+        run.flush(10)
+        assert run.id is not None, "the collector did not answer"
+        return run.id
 
 
-def stream(client: Client, run_id: int) -> int:
-    rng = random.Random(0)
-    pending: dict[int, list[wire.Point]] = {rank: [] for rank in range(RANKS)}
-    seq = dict.fromkeys(range(RANKS), 0)
-    sent = 0
-    start = time.time() - STEPS * 0.3
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("streaming a synthetic run", total=STEPS)
-        for step in range(STEPS):
-            for rank in range(RANKS):
-                pending[rank] += synthetic_step(step, rank, rng, start + step * 0.3)
-                if step % FLUSH_EVERY == FLUSH_EVERY - 1 or step == STEPS - 1:
-                    reply = client.ingest(run_id, pending[rank], seq=seq[rank], rank=rank)
-                    sent += reply["accepted"]
-                    seq[rank] += 1
-                    pending[rank] = []
-            progress.advance(task)
-    # An agent that lost its connection replays a batch: acknowledged, not stored twice.
-    replay = client.ingest(run_id, synthetic_step(0, 0, rng, start), seq=0)
-    console.print(f"replayed batch 0 of rank 0 -> duplicate={replay['duplicate']}")
-    return sent
+def validate(model: TinyLM, data: object, batches_: int = 4) -> float:
+    model.eval()
+    with torch.no_grad():
+        total = sum(loss_of(model, *next(data)).item() for _ in range(batches_))  # type: ignore[call-overload]
+    model.train()
+    return total / batches_
 
 
 def show(client: Client, run_id: int) -> None:
-    runs = Table("id", "project", "name", "state", "tags", title="GET /api/v1/runs")
-    for r in client.runs():
-        runs.add_row(str(r["id"]), r["project"], r["name"], r["state"], ",".join(r["tags"]))
-    console.print(runs)
-
-    series = Table("key", "rank", "points", "last step", "last value", title="GET .../series")
-    for s in client.series(run_id):
-        series.add_row(
-            s["key"],
-            str(s["rank"]),
-            str(s["n_points"]),
-            str(s["last_step"]),
-            format_number(s["last_value"]),
-        )
-    console.print(series)
-
-    loss = client.metrics(run_id, "loss", max_points=12)
-    console.print(bucket_table(loss["buckets"], title="GET .../metrics?key=loss&max_points=12"))
-
-    around = client.metrics(run_id, "loss", start=NAN_STEP - 2, end=NAN_STEP + 2)
-    raw = Table("step", "loss", title=f"loss around step {NAN_STEP}")
-    for step, _, value in around["points"]:
-        raw.add_row(str(step), format_number(value))
-    console.print(raw)
-
-    latest = client.latest(run_id)
+    """What the collector recorded, through the query API a dashboard would use."""
+    run = client.run(run_id)
+    series = client.series(run_id)
     console.print(
-        "GET .../latest: "
+        f"\nrun {run['id']} [bold]{run['project']}/{run['name']}[/] is {run['state']}: "
+        f"{len(series)} series, {sum(s['n_points'] for s in series):,} points"
+    )
+    groups: dict[str, list[dict[str, object]]] = {}
+    for s in series:
+        groups.setdefault(str(s["key"]).split("/")[0], []).append(s)
+    table = Table("group", "series", "points", "examples (latest value)", title="GET .../series")
+    for group, members in sorted(groups.items()):
+        examples = ", ".join(
+            f"{s['key']}={format_number(s['last_value'])}"  # type: ignore[arg-type]
+            for s in members[:3]
+        )
+        points = sum(int(s["n_points"]) for s in members)  # type: ignore[call-overload]
+        table.add_row(group, str(len(members)), f"{points:,}", examples)
+    console.print(table)
+    loss = client.metrics(run_id, "train/loss", max_points=10)
+    console.print(bucket_table(loss["buckets"], title="train/loss, downsampled to 10 buckets"))
+    latest = client.latest(run_id, keys=["train/loss", "val/loss", "train/grad_norm"])
+    console.print(
+        "latest: "
         + ", ".join(
-            f"{k}={format_number(v['value'])} @ {v['step']}" for k, v in sorted(latest.items())
+            f"{k}={format_number(v['value'])} @ step {v['step']}" for k, v in latest.items()
         )
     )
 
 
-def main() -> None:
-    workdir = Path(".demo")
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir()
-    db = f"sqlite:///{workdir / 'runwatch.db'}"
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m runwatch.demo", description=__doc__)
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps (default 300)")
+    parser.add_argument("--workdir", type=Path, default=Path(".demo"))
+    args = parser.parse_args(argv)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    db = f"sqlite:///{args.workdir / 'runwatch.db'}"
     with ServerThread(Settings(db=db, host="127.0.0.1", port=0)) as server:
-        console.print(f"[bold]runwatch collector[/] on {server.url}")
-        console.print(f"database {db}")
+        console.print(f"[bold]runwatch collector[/] on {server.url}, database {db}")
+        run_id = train(server.url, args.steps, args.workdir / "spool")
         with Client(server.url, api_key="") as client:
-            run = client.create_run(
-                "demo", "synthetic", config={"lr": 3e-4, "ranks": RANKS}, tags=["demo"]
-            )
-            sent = stream(client, run["id"])
-            client.finish_run(run["id"], "finished")
-            console.print(f"streamed {sent} points from {RANKS} ranks into run {run['id']}\n")
-            show(client, run["id"])
+            show(client, run_id)
+            name = f"demo/{client.run(run_id)['name']}"
     console.print(
-        "\nThe data stay in .demo/runwatch.db. Explore them with:\n"
-        "  .venv/bin/runwatch server --db sqlite:///.demo/runwatch.db &\n"
-        "  .venv/bin/runwatch runs show demo/synthetic\n"
-        "  .venv/bin/runwatch metrics get demo/synthetic loss --max-points 20"
+        f"\nThe data stay in {args.workdir}/runwatch.db. Explore them with:\n"
+        f"  .venv/bin/runwatch server --db {db} &\n"
+        f"  .venv/bin/runwatch runs show {name}\n"
+        f"  .venv/bin/runwatch metrics get {name} train/loss --max-points 20"
     )
 
 
