@@ -414,11 +414,35 @@ class Watcher:
 
     def _before_step(
         self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
-        """Optimizer pre-step hook: the gradients are final here, the parameters not yet moved."""
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Optimizer pre-step hook: the parameters have not moved yet.
+
+        Without a closure the gradients are final here. With one (Lightning, LBFGS) the
+        forward and backward run inside ``step``, so the closure is wrapped and the
+        gradients are measured when it first returns.
+        """
         if self._done:
             with swallow_internal(PART_COUNTER, self.faults):
                 self._advance()
+        closure = kwargs.get("closure", args[0] if args else None)
+        if not callable(closure):
+            self._measure_gradients()
+            return None
+        measured = False
+
+        def closure_then_measure() -> Any:
+            nonlocal measured
+            loss = closure()
+            if not measured:  # LBFGS calls it many times: the first gradients are the step's
+                measured = True
+                self._measure_gradients()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_measure}
+        return (closure_then_measure, *args[1:]), kwargs
+
+    def _measure_gradients(self) -> None:
         with torch.no_grad():
             if PART_GRAD_NORM not in self._off:
                 with swallow_internal(PART_GRAD_NORM, self.faults):

@@ -132,6 +132,7 @@ class Run:
         layer_every: int = 10,
         activation_every: int = 10,
         activations: str | Sequence[str] | None = "auto",
+        start_step: int | None = None,
     ) -> None:
         """Hook ``model`` and ``optimizer``: gradient norm, learning rates and step timing every
         step; per-layer gradient/parameter norms and update ratios every ``layer_every`` steps;
@@ -139,6 +140,8 @@ class Run:
 
         ``activations``: ``"auto"`` (the blocks of the model's largest ModuleList), a list of
         module names, or None. An unknown module name raises ``ValueError`` here, at set-up.
+        ``start_step``: the first iteration's step (a resumed run's global step); default: the
+        step after the last ``log``.
         """
         from runwatch.agent.hooks import Watcher
 
@@ -153,7 +156,7 @@ class Run:
             activation_every=activation_every,
             activations=activations,
             primary=self.primary,
-            start_step=self._next_step,
+            start_step=self._next_step if start_step is None else start_step,
             faults=self.faults,
         )
         with self._lock:

@@ -74,7 +74,7 @@ def test_two_gloo_ranks_share_one_run_tagged_by_rank(
     for rank in range(WORLD):
         keys = by_rank[rank]
         assert keys["train/step_time"]["n_points"] == STEPS, rank
-        assert {"train/data_wait", "train/samples_per_s", "sys/cpu_percent"} <= set(keys)
+        assert {"train/data_wait", "train/samples_per_s", "sys/proc_rss_gb"} <= set(keys)
     assert by_rank[0]["train/loss"]["n_points"] == STEPS
     assert by_rank[0]["train/grad_norm"]["n_points"] == STEPS
     assert {"grad_norm/module.0", "grad_norm/module.2"} <= set(by_rank[0])

@@ -1,0 +1,1 @@
+"""Trainer integrations: a Lightning ``Callback`` and a Hugging Face ``TrainerCallback``."""
