@@ -73,9 +73,13 @@ class PointBuffer:
     def __len__(self) -> int:
         return self._size
 
-    def put_scalars(self, step: int, values: Mapping[str, Any], priority: int = CRITICAL) -> None:
+    def put_scalars(
+        self, step: int, values: Mapping[str, Any], priority: int = CRITICAL, *, copy: bool = True
+    ) -> None:
+        """Queue ``values``; ``copy=False`` when the caller hands over a dict it will not reuse."""
         if values:
-            self._put(Record(step, time.time(), None, dict(values), len(values)), priority)
+            owned = dict(values) if copy else values
+            self._put(Record(step, time.time(), None, owned, len(values)), priority)
 
     def put_vector(
         self, step: int, keys: Sequence[str], values: Any, priority: int = DETAIL

@@ -101,9 +101,9 @@ class Run:
 
         Without ``step``: the watched optimizer's current iteration after :meth:`watch`,
         else one more than the previous call's step (the first call is step 0). Tensors are
-        read in the background, so logging a GPU loss costs no device sync; do not modify
-        a logged tensor in place afterwards. On ranks other than 0, training scalars are
-        not sent unless ``all_ranks=True``.
+        read in the background (detached from the graph), so logging a GPU loss costs no
+        device sync; do not modify a logged tensor in place afterwards. On ranks other than 0,
+        training scalars are not sent unless ``all_ranks=True``.
         """
         if self._finished or not self.primary or self._pid != os.getpid():
             return
@@ -117,7 +117,13 @@ class Run:
                     step = watcher.step
             else:
                 self._next_step = step + 1 if type(step) is int else self._next_step
-            self._buffer.put_scalars(step, metrics, CRITICAL)
+            values = dict(metrics)
+            for key, value in values.items():
+                if type(value) is not float and getattr(value, "requires_grad", False):
+                    # A loss that still carries its graph would keep every activation of the
+                    # step alive until the sender reads it.
+                    values[key] = value.detach()
+            self._buffer.put_scalars(step, values, CRITICAL, copy=False)
         except Exception as exc:
             self.faults.record("log", exc)
             if self.faults.reraise:

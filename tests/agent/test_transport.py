@@ -3,15 +3,17 @@ never waits. Real collectors on loopback (a thread, or a process that is SIGKILL
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgpack
 import pytest
@@ -354,3 +356,39 @@ def test_bad_options_are_refused_at_init() -> None:
         runwatch.init(project="p", flush_interval=0)
     with pytest.raises(ValueError, match="server"):
         runwatch.init(project="p", server="127.0.0.1:8000")
+
+
+class _Marker:
+    """Something the autograd graph holds, so that the test can see when the graph is gone."""
+
+
+class _HoldMarker(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, marker: _Marker) -> torch.Tensor:
+        ctx.marker = marker  # lives exactly as long as the graph node
+        return x * 2
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * 2, None
+
+
+def test_a_logged_loss_does_not_keep_its_graph_alive(spool_dir: Path) -> None:
+    run = runwatch.init(
+        project="agent",
+        name="graph",
+        server=f"http://127.0.0.1:{free_port()}",
+        spool_dir=spool_dir,
+        system_interval=0,
+        flush_interval=60,
+        retry_window=60,
+    )
+    marker = _Marker()
+    alive = weakref.ref(marker)
+    loss = _HoldMarker.apply(torch.randn(1000, requires_grad=True), marker).sum()
+    del marker
+    run.log({"train/loss": loss})  # queued, not yet read: the sender sleeps for a minute
+    del loss
+    gc.collect()
+    assert alive() is None, "the queued loss kept the step's graph (and its activations) alive"
+    run.finish()
