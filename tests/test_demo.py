@@ -1,0 +1,31 @@
+"""``make demo`` end to end, shortened: a watched training run lands in the embedded collector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from runwatch import demo
+
+
+def test_demo_trains_under_the_agent_and_reports_what_was_recorded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    demo.main(["--steps", "6", "--workdir", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert "is finished" in out and "train/loss" in out
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'demo' / 'runwatch.db'}")
+    with engine.connect() as conn:
+        keys = set(conn.execute(sa.text("SELECT key FROM series")).scalars())
+        losses = conn.execute(
+            sa.text(
+                "SELECT COUNT(*) FROM points p JOIN series s ON s.id = p.series_id "
+                "WHERE s.key = 'train/loss'"
+            )
+        ).scalar_one()
+    engine.dispose()
+    assert {"train/loss", "val/loss", "train/grad_norm", "train/lr", "sys/proc_rss_gb"} <= keys
+    assert any(key.startswith("act/blocks.") for key in keys)
+    assert losses == 6
