@@ -64,6 +64,7 @@ class PointBuffer:
         self.capacity = capacity
         self._queues: tuple[deque[Record], ...] = tuple(deque() for _ in PRIORITIES)
         self._size = 0
+        self._in_flight = 0
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self.ready_size = capacity
@@ -111,23 +112,29 @@ class PointBuffer:
                 self.dropped["queue_overflow"] += victim.size
         return self._size + need <= self.capacity
 
-    def drain(self, max_points: int | None = None) -> list[Record]:
-        """Take queued records, highest priority first, oldest first within a priority.
+    def drain(self) -> list[Record]:
+        """Take every queued record, highest priority first, oldest first within a priority.
 
-        Stops after the record that reaches ``max_points`` (never splits one).
+        The records count as :meth:`pending` until the taker calls :meth:`settle`, so that a
+        flush does not see an empty queue while they are between the queue and the outbox.
         """
-        taken: list[Record] = []
-        n = 0
         with self._lock:
+            taken = [record for queue in self._queues for record in queue]
             for queue in self._queues:
-                while queue and (max_points is None or n < max_points):
-                    record = queue.popleft()
-                    taken.append(record)
-                    n += record.size
-            self._size -= n
-            if self._size < self.ready_size:
-                self._ready.clear()
+                queue.clear()
+            self._in_flight += self._size
+            self._size = 0
+            self._ready.clear()
         return taken
+
+    def settle(self) -> None:
+        """The drained records are where the taker keeps them now (or counted as lost)."""
+        with self._lock:
+            self._in_flight = 0
+
+    def pending(self) -> int:
+        """Points queued or drained and not yet settled."""
+        return self._size + self._in_flight
 
     def wait(self, timeout: float) -> bool:
         """Sleep until ``ready_size`` points are queued or ``timeout`` passes."""
@@ -143,3 +150,4 @@ class PointBuffer:
         self._ready = threading.Event()
         self._queues = tuple(deque() for _ in PRIORITIES)
         self._size = 0
+        self._in_flight = 0

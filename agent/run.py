@@ -20,6 +20,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -48,14 +49,15 @@ class Run:
     ...         run.log({"train/loss": loss})
     """
 
-    def __init__(self, options: Options, where: Placement, *, faults: Faults = FAULTS) -> None:
+    def __init__(self, options: Options, where: Placement, *, faults: Faults | None = None) -> None:
         self.options = options
         self.rank = where.rank
         self.world_size = where.world_size
         self.primary = where.rank == 0 or options.all_ranks
         """Whether this rank sends training scalars (rank 0, or every rank with all_ranks)."""
         self.name = agreed_name(options.name)
-        self.faults = faults
+        self.faults = faults if faults is not None else Faults(parent=FAULTS)
+        """This run's failed parts; also counted in the process-wide ``FAULTS``."""
         self._buffer = PointBuffer(options.queue_points)
         self._buffer.ready_size = options.batch_points
         self._sender = Sender(
@@ -64,7 +66,7 @@ class Run:
             name=self.name,
             rank=where.rank,
             owns_run=where.rank == 0,
-            faults=faults,
+            faults=self.faults,
         )
         self._watcher: Watcher | None = None
         self._sampler: SystemSampler | None = None
@@ -228,6 +230,10 @@ class Run:
         """In a forked child: this run is inert (see the module docstring)."""
         self._finished = True
         self._buffer.reset_after_fork()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:  # the child's copy of the model computes no norms for nobody
+            with suppress(Exception):
+                watcher.remove()
 
 
 class _Uncaught:

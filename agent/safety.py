@@ -20,13 +20,26 @@ log = logging.getLogger("runwatch.agent")
 
 
 class Faults:
-    """Which parts of the agent failed, and how often; thread-safe."""
+    """Which parts of the agent failed, and how often; thread-safe.
 
-    def __init__(self) -> None:
+    Each run has its own (a part switched off in one run is not off in the next run of the
+    same process), counted also in its ``parent``, the process-wide :data:`FAULTS`.
+    """
+
+    def __init__(self, parent: Faults | None = None) -> None:
+        self.parent = parent
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
-        self.reraise = False
-        """Tests set this to see internal errors instead of having them swallowed."""
+        self._reraise = False
+
+    @property
+    def reraise(self) -> bool:
+        """Tests set this (here or on the parent) to see internal errors instead."""
+        return self._reraise or (self.parent is not None and self.parent.reraise)
+
+    @reraise.setter
+    def reraise(self, value: bool) -> None:
+        self._reraise = value
 
     def record(self, part: str, exc: BaseException) -> None:
         with self._lock:
@@ -34,6 +47,13 @@ class Faults:
             first = self._counts[part] == 1
         if first:
             log.warning("runwatch agent: %s failed and is switched off", part, exc_info=exc)
+        if self.parent is not None:
+            self.parent.tally(part)
+
+    def tally(self, part: str) -> None:
+        """Count a failure recorded (and logged) by a child."""
+        with self._lock:
+            self._counts[part] += 1
 
     def failed(self, part: str) -> bool:
         """Whether ``part`` has failed before (and should stay off)."""

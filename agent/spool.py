@@ -37,11 +37,14 @@ class Spool:
         self.segment_bytes = max(1, max_bytes // SEGMENTS_PER_SPOOL)
         self.dropped_points = 0
         self.dropped_batches = 0
+        self.unreadable_segments = 0
         directory.mkdir(parents=True, exist_ok=True)
-        self._segments: deque[Path] = deque(
-            sorted(directory.glob(f"*{SUFFIX}"), key=lambda p: int(p.stem))
-        )
+        found = [p for p in directory.glob(f"*{SUFFIX}") if p.stem.isdigit()]
+        self._segments: deque[Path] = deque(sorted(found, key=lambda p: int(p.stem)))
         self._sizes = {path: path.stat().st_size for path in self._segments}
+        self._sealed = set(self._segments)
+        """Segments an earlier process wrote: never appended to, since one may end in a frame
+        torn by a crash, whose length would swallow the frames written after it."""
         self._head: deque[bytes] = deque()
         """Frames of the oldest segment not yet delivered; loaded on demand."""
         self._head_loaded: Path | None = None
@@ -57,12 +60,20 @@ class Spool:
     def append(self, seq: int, frame: bytes) -> None:
         """Add one frame at the tail; drop the oldest segments if over the limit."""
         tail = self._segments[-1] if self._segments else None
-        if tail is None or tail == self._head_loaded or self._sizes[tail] >= self.segment_bytes:
+        new = (
+            tail is None
+            or tail == self._head_loaded
+            or tail in self._sealed
+            or self._sizes[tail] >= self.segment_bytes
+        )
+        if new:
             tail = self.directory / f"{seq:020d}{SUFFIX}"
+        assert tail is not None
+        with tail.open("ab") as out:  # registered only once written: a failed open adds nothing
+            out.write(HEADER.pack(len(frame)) + frame)
+        if new:
             self._segments.append(tail)
             self._sizes[tail] = 0
-        with tail.open("ab") as out:
-            out.write(HEADER.pack(len(frame)) + frame)
         self._sizes[tail] += HEADER.size + len(frame)
         while self.size > self.max_bytes and len(self._segments) > 1:
             self._drop_oldest()
@@ -71,7 +82,13 @@ class Spool:
         """The oldest frame not yet delivered, or None when the spool is empty."""
         while self._segments:
             if self._head_loaded != self._segments[0]:
-                self._head = deque(split_frames(self._segments[0].read_bytes()))
+                try:
+                    data = self._segments[0].read_bytes()
+                except OSError:  # deleted or unreadable under us: those batches are gone
+                    self.unreadable_segments += 1
+                    self._remove(self._segments[0])
+                    continue
+                self._head = deque(split_frames(data))
                 self._head_loaded = self._segments[0]
             if self._head:
                 return self._head[0]
@@ -87,7 +104,14 @@ class Spool:
 
     def _drop_oldest(self) -> None:
         oldest = self._segments[0]
-        frames = self._head if self._head_loaded == oldest else split_frames(oldest.read_bytes())
+        if self._head_loaded == oldest:
+            frames: list[bytes] | deque[bytes] = self._head
+        else:
+            try:
+                frames = split_frames(oldest.read_bytes())
+            except OSError:
+                frames = []
+                self.unreadable_segments += 1
         for frame in frames:
             self.dropped_batches += 1
             self.dropped_points += point_count(frame)
@@ -96,6 +120,7 @@ class Spool:
     def _remove(self, path: Path) -> None:
         self._segments.remove(path)
         del self._sizes[path]
+        self._sealed.discard(path)
         if self._head_loaded == path:
             self._head, self._head_loaded = deque(), None
         path.unlink(missing_ok=True)

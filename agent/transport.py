@@ -97,17 +97,24 @@ class HttpTransport:
         self._http = httpx.Client(base_url=server, headers=headers, timeout=timeout)
 
     def create_run(
-        self, project: str, name: str, config: dict[str, Any], tags: tuple[str, ...]
+        self,
+        project: str,
+        name: str,
+        config: dict[str, Any],
+        tags: tuple[str, ...],
+        *,
+        timeout: float | None = None,
     ) -> Outcome:
         body = {"project": project, "name": name, "config": config, "tags": list(tags)}
-        return self._request("POST", "/api/v1/runs", orjson.dumps(body, default=str), wire.JSON)
+        encoded = orjson.dumps(body, default=str)
+        return self._request("POST", "/api/v1/runs", encoded, wire.JSON, timeout)
 
     def ingest(self, body: bytes, *, timeout: float | None = None) -> Outcome:
         return self._request("POST", "/api/v1/ingest", body, wire.MSGPACK, timeout)
 
-    def finish_run(self, run_id: int, state: str) -> Outcome:
+    def finish_run(self, run_id: int, state: str, *, timeout: float | None = None) -> Outcome:
         body = orjson.dumps({"state": state})
-        return self._request("POST", f"/api/v1/runs/{run_id}/finish", body, wire.JSON)
+        return self._request("POST", f"/api/v1/runs/{run_id}/finish", body, wire.JSON, timeout)
 
     def close(self) -> None:
         self._http.close()

@@ -22,6 +22,7 @@ frame is sent (see :func:`with_run`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -67,6 +68,8 @@ class Stats:
 
 def with_run(frame: bytes, run_id: int) -> bytes:
     """Splice ``"run": run_id`` into a frame, a msgpack fixmap without it, as its first field."""
+    if not 0x80 <= frame[0] <= 0x8E:
+        raise ValueError("a frame must be a msgpack fixmap of at most 14 fields")
     n = frame[0] & 0x0F
     return bytes([0x80 | (n + 1)]) + msgpack.packb("run") + msgpack.packb(run_id) + frame[1:]
 
@@ -107,7 +110,8 @@ class Sender:
         self._retry_at = 0.0
         self._backoff = BACKOFF_START
         self._last_send = 0.0
-        self._gave_up = False
+        self._gave_up: str | None = None
+        """Why the collector refused the run for good; everything is then dropped."""
         self._warned: set[str] = set()
         self._known_keys: set[str] = set()
         self._idle = threading.Condition()
@@ -148,15 +152,23 @@ class Sender:
             self._thread.join(timeout + 1.0)
         with swallow_internal("sender", self.faults):
             if self._thread is not None and self._thread.is_alive():
-                return  # still busy (a hung request): it is a daemon, leave it
+                # Stuck in a request that started before the deadline existed. It is a
+                # daemon: if the process lives on it may still deliver; count it as lost.
+                held = self.buffer.pending() + sum(n for _, _, n in self._outbox)
+                self.stats.drop("finish_timeout", held)
+                return
             self._spill()
             if state is not None and self.owns_run and self.run_id is not None:
-                self._transport.finish_run(self.run_id, state)
+                self._transport.finish_run(self.run_id, state, timeout=self._time_left())
         self._transport.close()
 
+    def _time_left(self) -> float:
+        """A request's timeout: ``request_timeout``, cut short by :meth:`close`'s deadline."""
+        return min(self.options.request_timeout, max(0.1, self._deadline - time.monotonic()))
+
     def _drained(self) -> bool:
-        empty = not len(self.buffer) and not self._outbox and not self._spool
-        return empty and (self.run_id is not None or self._gave_up)
+        empty = not self.buffer.pending() and not self._outbox and not self._spool
+        return empty and (self.run_id is not None or self._gave_up is not None)
 
     # -- the thread ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -188,9 +200,14 @@ class Sender:
         if self.run_id is None and now >= self._retry_at:
             self._create_run(now)
         records = self.buffer.drain()
-        if records:
+        try:
             for points in self._batches(records):
                 self._enqueue(points)
+        except Exception as exc:  # a value no check foresaw: lose these points, not the thread
+            self.stats.drop("internal_error", sum(r.size for r in records))
+            self.faults.record("sender: forming a batch", exc)
+        finally:
+            self.buffer.settle()
         if self.run_id is not None:
             self._deliver(final)
             if final and self._failing_since is None:
@@ -207,16 +224,19 @@ class Sender:
     # -- run ------------------------------------------------------------------------------
     def _create_run(self, now: float) -> None:
         o = self.options
-        outcome = self._transport.create_run(o.project, self.name, o.config, o.tags)
+        outcome = self._transport.create_run(
+            o.project, self.name, o.config, o.tags, timeout=self._time_left()
+        )
         if outcome.ok and isinstance(outcome.reply, dict) and "id" in outcome.reply:
             self.run_id = int(outcome.reply["id"])
             self.resumed = bool(outcome.reply.get("resumed"))
             self._succeeded()
-        elif outcome.retry or outcome.ok:  # ok without an id: not a runwatch collector yet
-            self._failed(outcome, now)
-        else:  # a wrong key or project never gets better: stop trying, count what is lost
+        elif outcome.reason in ("unauthorized", "rejected"):
+            # A wrong key, project or name never gets better: stop trying, count what is lost.
             self._warn(outcome.reason, f"cannot create run {self.name!r}: {outcome.detail}")
-            self._gave_up = True
+            self._gave_up = outcome.reason
+        else:  # down, overloaded, or a proxy's answer during a deploy: try again later
+            self._failed(outcome, now)
 
     # -- forming batches ----------------------------------------------------------------------
     def _batches(self, records: list[Record]) -> Iterator[list[list[Any]]]:
@@ -231,7 +251,7 @@ class Sender:
         tensors: list[tuple[list[Any], Any]] = []
         for record in records:
             step = record.step
-            if type(step) is not int:
+            if type(step) is not int or not 0 <= step <= wire.MAX_INT64:
                 step = _as_step(step)
                 if step is None:
                     self.stats.drop("invalid_step", record.size)
@@ -249,17 +269,14 @@ class Sender:
                 point = [step, wall, key, value]
                 kind = type(value)
                 if kind is not float:
-                    if kind is int or kind is bool:
-                        point[3] = float(value)
-                    elif hasattr(value, "detach"):
+                    if hasattr(value, "detach"):
                         tensors.append((point, value))
+                    elif (number := _as_float(value)) is not None:
+                        point[3] = number
                     else:
-                        try:
-                            point[3] = float(value)  # numpy scalars and the like
-                        except (TypeError, ValueError):
-                            self.stats.drop("invalid_value", 1)
-                            self._warn("invalid_value", f"{key!r}: {value!r:.60} is not a number")
-                            continue
+                        self.stats.drop("invalid_value", 1)
+                        self._warn("invalid_value", f"{key!r}: {value!r:.60} is not a number")
+                        continue
                 points.append(point)
         if tensors:
             self._read_tensors(tensors, points)
@@ -270,17 +287,22 @@ class Sender:
         import torch
 
         by_device: dict[Any, list[tuple[list[Any], Any]]] = {}
+        bad: set[int] = set()
         for point, tensor in tensors:
             if tensor.numel() != 1:
                 self.stats.drop("invalid_value", 1)
                 self._warn("invalid_value", f"{point[2]!r}: tensor of shape {tuple(tensor.shape)}")
-                points.remove(point)
+                bad.add(id(point))
                 continue
             by_device.setdefault(tensor.device, []).append((point, tensor))
-        for group in by_device.values():
-            stacked = torch.stack([t.detach().reshape(()).to(torch.float64) for _, t in group])
+        for device, group in by_device.items():
+            # MPS has no float64; elsewhere float64 keeps a float64 value whole.
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            stacked = torch.stack([t.detach().reshape(()).to(dtype) for _, t in group])
             for (point, _), value in zip(group, stacked.tolist(), strict=True):
                 point[3] = value
+        if bad:
+            points[:] = [p for p in points if id(p) not in bad]
 
     def _check_key(self, key: Any) -> bool:
         if type(key) is str and 1 <= len(key) <= wire.MAX_KEY_LENGTH and key.isprintable():
@@ -325,13 +347,16 @@ class Sender:
             if from_spool:
                 assert self._spool is not None
                 frame = self._spool.peek()
+                if self._spool.unreadable_segments:
+                    self._warn("spool_error", f"spool segments in {self._spool_dir} vanished")
                 if frame is None:
                     continue
                 n = -1
             else:
                 _, frame, n = self._outbox[0]
-            timeout = min(self.options.request_timeout, max(0.1, self._deadline - now))
-            outcome = self._transport.ingest(with_run(frame, self.run_id), timeout=timeout)
+            outcome = self._transport.ingest(
+                with_run(frame, self.run_id), timeout=self._time_left()
+            )
             if outcome.retry:
                 self._failed(outcome, time.monotonic())
                 return
@@ -357,7 +382,8 @@ class Sender:
         frame = msgpack.packb(
             {"rank": self.rank, "seq": self._next_seq(), "heartbeat": time.time(), "points": []}
         )
-        outcome = self._transport.ingest(with_run(frame, self.run_id))
+        timeout = min(self._time_left(), self.options.heartbeat_interval)
+        outcome = self._transport.ingest(with_run(frame, self.run_id), timeout=timeout)
         if outcome.ok:
             self._succeeded()
         elif outcome.retry:
@@ -401,17 +427,30 @@ class Sender:
 
     def open_spool(self) -> None:
         """Pick up batches a previous process of this run left behind, to replay them first."""
-        with swallow_internal("sender", self.faults):
+        try:
             if self._spool_dir.is_dir() and any(self._spool_dir.iterdir()):
                 self._spool = Spool(self._spool_dir, self.options.spool_bytes)
+        except OSError as exc:
+            self._warn("spool_error", f"cannot read the spool in {self._spool_dir}: {exc}")
 
     def _discard(self, records: list[Record]) -> None:
-        self.stats.drop("unauthorized", sum(r.size for r in records))
+        self.stats.drop(self._gave_up or "rejected", sum(r.size for r in records))
+        self.buffer.settle()
 
     def _warn(self, reason: str, message: str) -> None:
         if reason not in self._warned:
             self._warned.add(reason)
             log.warning("runwatch agent: %s (further %s losses are only counted)", message, reason)
+
+
+def _as_float(value: Any) -> float | None:
+    """Ints, bools and numpy scalars as a float; None for strings, None, 10**400 and the like."""
+    if isinstance(value, str | bytes):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _as_step(step: Any) -> int | None:
@@ -423,5 +462,6 @@ def _as_step(step: Any) -> int | None:
 
 
 def _safe(name: str) -> str:
-    """A path component from a project or run name (names may hold '/')."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:128] or "_"
+    """A path component from a project or run name (names may hold '/'), unique per name."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:96]
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"

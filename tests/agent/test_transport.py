@@ -222,6 +222,8 @@ class _FlakyCollector(BaseHTTPRequestHandler):
 
     script: ClassVar[list[tuple[int, dict[str, str]]]] = []
     seen: ClassVar[list[dict[str, object]]] = []
+    hang_after: ClassVar[int | None] = None
+    """After this many ingests, hold every request for a minute (a stuck collector)."""
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -230,6 +232,9 @@ class _FlakyCollector(BaseHTTPRequestHandler):
             return
         if self.path.endswith("/finish"):
             self._reply(200, b"{}")
+            return
+        if self.hang_after is not None and len(self.seen) >= self.hang_after:
+            time.sleep(60)
             return
         status, headers = self.script.pop(0) if self.script else (200, {})
         self.seen.append({"status": status, **msgpack.unpackb(body)})
@@ -249,7 +254,7 @@ class _FlakyCollector(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def flaky() -> Iterator[tuple[str, type[_FlakyCollector]]]:
-    handler = type("Flaky", (_FlakyCollector,), {"script": [], "seen": []})
+    handler = type("Flaky", (_FlakyCollector,), {"script": [], "seen": [], "hang_after": None})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -392,3 +397,64 @@ def test_a_logged_loss_does_not_keep_its_graph_alive(spool_dir: Path) -> None:
     gc.collect()
     assert alive() is None, "the queued loss kept the step's graph (and its activations) alive"
     run.finish()
+
+
+def test_values_no_check_foresaw_are_dropped_not_the_sender(
+    collector: Collector, spool_dir: Path
+) -> None:
+    run = runwatch.init(
+        project="agent",
+        name="poison",
+        server=collector.url,
+        spool_dir=spool_dir,
+        system_interval=0,
+    )
+    run.log({"huge": 10**400, "text": "1.0", "none": None, "ok": 1.0}, step=0)
+    run.log({"ok": 2.0}, step=-1)
+    run.log({"ok": 3.0}, step=2**64)
+    run.log({"ok": 4.0}, step=1)
+    assert run.flush(10)
+    run.finish()
+    assert run.stats.dropped["invalid_value"] == 3
+    assert run.stats.dropped["invalid_step"] == 2
+    assert _values_of(collector, run.id, "ok") == {0: 1.0, 1: 4.0}
+    again = runwatch.init(  # a later run in the same process is not affected
+        project="agent",
+        name="after-poison",
+        server=collector.url,
+        spool_dir=spool_dir,
+        system_interval=0,
+    )
+    again.log({"ok": 5.0}, step=0)
+    assert again.flush(10)
+    again.finish()
+
+
+def _values_of(collector: Collector, run_id: int | None, key: str) -> dict[int, float]:
+    assert run_id is not None
+    with collector.client() as client:
+        return {s: v for s, _, v in client.metrics(run_id, key)["points"]}
+
+
+def test_finish_is_bounded_when_the_collector_stops_answering_mid_run(
+    flaky: tuple[str, type[_FlakyCollector]], spool_dir: Path
+) -> None:
+    url, handler = flaky
+    handler.hang_after = 1  # the first ingest is answered, then the collector hangs
+    run = runwatch.init(
+        project="agent",
+        name="hang-later",
+        server=url,
+        spool_dir=spool_dir,
+        system_interval=0,
+        flush_interval=0.05,
+        request_timeout=30,
+        finish_timeout=1.0,
+    )
+    run.log({"a": 1.0}, step=0)
+    assert run.flush(10)
+    run.log({"a": 2.0}, step=1)
+    started = time.monotonic()
+    run.finish()
+    assert time.monotonic() - started < 3
+    assert spooled_points(spool_dir) + run.stats.dropped.get("finish_timeout", 0) == 1
