@@ -19,8 +19,14 @@ import torch
 from torch import nn
 
 from runwatch.agent import hooks
+from runwatch.agent.activations import (
+    ACTIVATION_STATS,
+    MAX_AUTO_ACTIVATIONS,
+    activation_stats,
+    auto_activation_modules,
+)
 from runwatch.agent.buffer import CRITICAL, DETAIL, SYSTEM
-from runwatch.agent.hooks import Watcher, activation_stats, auto_activation_modules
+from runwatch.agent.hooks import Watcher
 from runwatch.agent.safety import Faults
 
 VOCAB = 50
@@ -300,11 +306,11 @@ def test_activation_hooks_only_on_sampled_steps(faults: Faults) -> None:
     model(mlp_batch())  # step 3 begins: not sampled
     assert watcher.step == 3 and forward_hooks(model) == 0
     assert {k for k in sink.seen() if k.startswith("act/")} == {
-        f"act/{m}/{s}" for m in ("0", "1", "2") for s in hooks.ACTIVATION_STATS
+        f"act/{m}/{s}" for m in ("0", "1", "2") for s in ACTIVATION_STATS
     }
     for step in (0, 2):
         for name, out in expected[step].items():
-            got = [sink.series(f"act/{name}/{s}")[step] for s in hooks.ACTIVATION_STATS]
+            got = [sink.series(f"act/{name}/{s}")[step] for s in ACTIVATION_STATS]
             want = [
                 out.mean().item(),
                 out.std(correction=0).item(),
@@ -379,7 +385,7 @@ def test_auto_selection() -> None:
             self.mlp = nn.Sequential(*(nn.Linear(1, 1) for _ in range(120)))  # longer, smaller
 
     names = auto_activation_modules(Deep())
-    assert len(names) == hooks.MAX_AUTO_ACTIVATIONS == len(set(names))
+    assert len(names) == MAX_AUTO_ACTIVATIONS == len(set(names))
     assert names[0] == "blocks.0" and names[-1] == "blocks.99"
     gaps = {int(b.split(".")[1]) - int(a.split(".")[1]) for a, b in itertools.pairwise(names)}
     assert gaps <= {3, 4}
@@ -470,7 +476,7 @@ def test_failing_activation_part_is_switched_off(monkeypatch: pytest.MonkeyPatch
     def broken(output: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(hooks, "_activation_moments", broken)
+    monkeypatch.setattr(hooks, "activation_moments", broken)
     model = TinyTransformer()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     sink, faults = CapturingSink(), Faults()
