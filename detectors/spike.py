@@ -7,10 +7,12 @@ state; ``alpha = 2 / (128 + 1)`` is the EWMA equivalent of the 128-step window t
 uses to skip steps, and ``z = 6`` is its threshold (DESIGN.md, "Published figures").
 
 Two findings: one step far above the mean (``z >= threshold``) is a *spike*; ``sustained``
-consecutive steps above ``sustained_z`` is a *sustained* rise (llm-foundry's KillLossSpike
-counts 5 steps above twice the running mean: ``log 2 / std`` is about 3 here for a noisy
-loss). A spike is not learned at full weight (its value is clipped to the threshold before it
-updates the statistics), so one outlier does not blind the detector to the next. Non-finite
+consecutive steps above ``sustained_z`` is a *sustained* rise, reported once (the spike that
+may have begun it is reported too, and no further spike until the values come back down).
+llm-foundry's KillLossSpike counts 5 steps above twice the running mean: ``log 2 / std`` is
+about 3 here for a noisy loss. A spike is not learned at full weight (its value is clipped
+to the threshold before it updates the statistics), so one outlier does not blind the
+detector to the next. Non-finite
 values are :class:`~runwatch.detectors.nonfinite.NonFinite`'s and ignored here.
 """
 
@@ -92,24 +94,26 @@ class Spike(SeriesDetector):
         std = max(math.sqrt(self._var), MIN_STD)
         found = None
         if self._n >= self.warmup:
-            if z >= self.threshold:
-                found = self.anomaly(
-                    self.kind,
-                    "warning",
-                    step,
-                    z,
-                    f"{getattr(self, 'key', 'value')} jumped to {value:.4g} at step {step}, "
-                    f"{z:.1f} standard deviations above its recent level "
-                    f"{math.exp(self._mean):.4g}",
-                    value=value,
-                    mean=math.exp(self._mean),
-                    z=z,
-                )
-                x = self._mean + self.threshold * std  # learn the spike only up to the threshold
+            in_episode = self._run > 0
             self._run = self._run + 1 if z >= self.sustained_z else 0
+            if z >= self.threshold:
+                x = self._mean + self.threshold * std  # learn an outlier only up to the threshold
+                if not in_episode:
+                    found = self.anomaly(
+                        self.kind,
+                        "warning",
+                        step,
+                        z,
+                        f"{getattr(self, 'key', 'value')} jumped to {value:.4g} at step {step}, "
+                        f"{z:.1f} standard deviations above its recent level "
+                        f"{math.exp(self._mean):.4g}",
+                        value=value,
+                        mean=math.exp(self._mean),
+                        z=z,
+                    )
             if self._run == 0:
                 self._reported_run = False
-            elif self._run >= self.sustained and not self._reported_run and found is None:
+            elif self._run >= self.sustained and not self._reported_run:
                 self._reported_run = True
                 found = self.anomaly(
                     f"{self.kind}_sustained",
