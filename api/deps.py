@@ -13,6 +13,7 @@ from fastapi import Depends, Header, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from runwatch.api.auth import KeyCache, Principal, authorize, bearer_secret, lookup_state
+from runwatch.collector.pipeline import DetectionPipeline
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.writer import BatchWriter
 from runwatch.collector.telemetry import Telemetry
@@ -36,6 +37,11 @@ async def get_writer(request: Request) -> BatchWriter:
     return request.app.state.writer
 
 
+async def get_pipeline(request: Request) -> DetectionPipeline | None:
+    """The detection pipeline; None when detection is switched off."""
+    return request.app.state.pipeline
+
+
 RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="Run id.")]
 Rank = Annotated[
     int, Query(ge=0, le=MAX_ID, description="Rank of the process (0 if not distributed).")
@@ -45,6 +51,7 @@ StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]
 WriterDep = Annotated[BatchWriter, Depends(get_writer)]
+PipelineDep = Annotated[DetectionPipeline | None, Depends(get_pipeline)]
 
 
 async def get_key_cache(request: Request) -> KeyCache:

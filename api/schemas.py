@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runwatch.collector.storage.anomalies import AnomalyRecord, evidence_json
 from runwatch.collector.storage.runs import RunRecord
 
 
@@ -101,6 +102,46 @@ class MetricRangeOut(Body):
         description="[step, wall_time, value] when not downsampled."
     )
     buckets: list[BucketOut] = Field(description="One aggregate per bucket when downsampled.")
+
+
+class AnomalyOut(Body):
+    id: int = Field(description="Increases with every anomaly stored: the cursor for `after`.")
+    run_id: int
+    rank: int
+    key: str = Field(description="The series that showed the finding.")
+    kind: str = Field(description="What was found, e.g. `loss_spike`, `nonfinite_loss`.")
+    severity: str = Field(description="`info`, `warning` or `critical`.")
+    step: int
+    wall_time: float = Field(
+        description="Unix time of the observation (of the check, for a finding made of time "
+        "passing, such as a hang)."
+    )
+    score: float = Field(description="The detector's own measure (a z-score, a ratio).")
+    detector: str
+    message: str
+    evidence: dict[str, float | str] = Field(
+        description="The numbers behind the message; NaN and infinities as strings."
+    )
+    created_at: float = Field(description="Unix time the collector stored it.")
+
+
+def anomaly_out(record: AnomalyRecord) -> AnomalyOut:
+    return AnomalyOut(
+        id=record.id,
+        run_id=record.run_id,
+        rank=record.rank,
+        key=record.key,
+        kind=record.kind,
+        severity=record.severity,
+        step=record.step,
+        wall_time=record.wall_time,
+        score=record.score,
+        detector=record.detector,
+        message=record.message,
+        # Encoded here: a float inside a union loses ser_json_inf_nan in list responses.
+        evidence=evidence_json(record.evidence),
+        created_at=record.created_at,
+    )
 
 
 def run_out(record: RunRecord) -> RunOut:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,10 +11,11 @@ from fastapi import FastAPI
 
 import runwatch
 from runwatch.api.auth import KeyCache
+from runwatch.api.routes import anomalies, series
 from runwatch.api.routes import runs as run_queries
-from runwatch.api.routes import series
 from runwatch.collector import error_handlers
 from runwatch.collector.limits import BodyLimit
+from runwatch.collector.pipeline import DetectionPipeline
 from runwatch.collector.routes import health, ingest
 from runwatch.collector.routes import runs as run_lifecycle
 from runwatch.collector.storage import migrate
@@ -22,6 +24,7 @@ from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.writer import BatchWriter
 from runwatch.collector.telemetry import Telemetry
 from runwatch.db import make_engine
+from runwatch.detectors.defaults import default_engine
 from runwatch.settings import Settings
 
 log = logging.getLogger("runwatch.collector")
@@ -41,6 +44,19 @@ def create_app(settings: Settings) -> FastAPI:
         store = Store(engine, checkpoint_interval=SQLITE_CHECKPOINT_INTERVAL)
         app.state.store = store
         app.state.writer = writer = BatchWriter(store, observe=telemetry.db_write.observe)
+        app.state.pipeline = pipeline = (
+            DetectionPipeline(
+                store,
+                telemetry,
+                engine_factory=functools.partial(
+                    default_engine, time_scale=settings.detector_time_scale
+                ),
+                check_seconds=settings.detector_check_seconds,
+                snapshot_seconds=settings.detector_snapshot_seconds,
+            )
+            if settings.detection
+            else None
+        )
         with store.read() as conn:
             open_server = not any_active_key(conn)
         if open_server:
@@ -54,6 +70,8 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             writer.close()
+            if pipeline is not None:  # after the writer: it feeds what the writer committed
+                pipeline.close()
             store.dispose()
 
     app = FastAPI(
@@ -65,6 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.telemetry = telemetry
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
+    app.state.pipeline = None
     error_handlers.install(app)
 
     def count_oversized(path: str) -> None:
@@ -77,6 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
         run_lifecycle.router,
         run_queries.router,
         series.router,
+        anomalies.router,
         health.router,
     ):
         app.include_router(router)

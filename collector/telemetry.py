@@ -6,13 +6,15 @@ the demo) do not share counters.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+DETECTION_DROP_REASONS = ("queue_overflow", "shutdown", "state_unavailable")
+"""Why points went to storage but not to the detectors: a closed set of label values."""
 
 
 class Telemetry:
-    """Counters and histograms of ingest; every mutation is thread-safe (prometheus-client)."""
+    """Counters and histograms of ingest and detection; every mutation is thread-safe."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -39,5 +41,38 @@ class Telemetry:
             "runwatch_db_write_seconds",
             "Time of one write transaction (a group of batches committed together).",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.anomalies = Counter(
+            "runwatch_anomalies",
+            "Anomalies stored, by kind and severity.",
+            ["kind", "severity"],
+            registry=self.registry,
+        )
+        self.detection_dropped = Counter(
+            "runwatch_detection_dropped_points",
+            "Stored points the detectors never saw, by reason "
+            "(queue_overflow, shutdown, state_unavailable).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in DETECTION_DROP_REASONS:
+            self.detection_dropped.labels(reason)  # exported as 0 before the first drop
+        self.detector_errors = Counter(
+            "runwatch_detector_errors",
+            "Exceptions raised by detectors (the point is skipped for that run), by detector.",
+            ["detector"],
+            registry=self.registry,
+        )
+        self.detection_failures = Counter(
+            "runwatch_detection_failures",
+            "Failed detection work other than a detector's own errors, by operation "
+            "(store_anomalies, save_state, load_state, check, feed).",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.detection_runs = Gauge(
+            "runwatch_detection_runs",
+            "Runs whose detection engine is in memory.",
             registry=self.registry,
         )

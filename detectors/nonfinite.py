@@ -61,6 +61,13 @@ class NonFinite(SeriesDetector):
 class Positive(SeriesDetector):
     """Fires when a fraction that should stay 0 (e.g. ``act/*/nonfinite_frac``) turns positive.
 
+    Parameters
+    ----------
+    kind
+        The anomaly kind reported, e.g. ``"nonfinite_activations"``.
+    severity
+        ``"critical"`` by default: non-finite activations reach the loss within a step.
+
     >>> d = Positive(kind="nonfinite_activations")
     >>> [d.update(s, v, 0.0) is not None for s, v in enumerate([0.0, 0.01, 0.02, 0.0, 0.5])]
     [False, True, False, False, True]

@@ -138,6 +138,8 @@ class Spike(SeriesDetector):
                     mean=math.exp(self._predicted()),
                     steps=self._run,
                 )
+        if self._n >= self.warmup:  # nor a dip: one tiny value must not blow up the variance
+            x = max(x, self._predicted() - self.threshold * std)
         self._learn(x)
         return found
 

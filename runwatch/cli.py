@@ -1,9 +1,9 @@
 """The ``runwatch`` command.
 
 Server-side verbs (``server``, ``db``, ``keys``) talk to the database directly
-and need ``runwatch[server]``; the query verbs (``runs``, ``metrics``) go
-through the HTTP API with ``--server``/``RUNWATCH_SERVER`` and
-``--api-key``/``RUNWATCH_API_KEY``.
+and need ``runwatch[server]``; the query verbs (``runs``, ``metrics``,
+``anomalies``) go through the HTTP API with ``--server``/``RUNWATCH_SERVER``
+and ``--api-key``/``RUNWATCH_API_KEY``.
 """
 
 from __future__ import annotations
@@ -351,6 +351,50 @@ def metrics_get(
             table.add_row(str(step), _when(wall_time), format_number(value))
     out.print(table)
     out.print(f"{found['total']} point(s) of {key!r} (rank {rank}) in range")
+
+
+@main.group()
+def anomalies() -> None:
+    """Query what the detectors found."""
+
+
+@anomalies.command("list")
+@click.argument("run")
+@click.option("--kind", help="Only this kind, e.g. loss_spike.")
+@click.option("--severity", type=click.Choice(["info", "warning", "critical"]))
+@click.option("--rank", type=click.IntRange(min=0), help="Only this rank.")
+@click.option("--after", type=click.IntRange(min=0), help="Only anomalies with a larger id.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@server_option
+@key_option
+@json_option
+def anomalies_list(
+    run: str,
+    kind: str | None,
+    severity: str | None,
+    rank: int | None,
+    after: int | None,
+    limit: int,
+    server: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """Anomalies of RUN (id or PROJECT/NAME), oldest first."""
+    with _client(server, api_key) as client:
+        run_id = _resolve_run(client, run)["id"]
+        found = client.anomalies(
+            run_id, kind=kind, severity=severity, rank=rank, after=after, limit=limit
+        )
+    if as_json:
+        _print_json(found)
+        return
+    table = Table("id", "step", "rank", "kind", "severity", "message")
+    for a in found:
+        table.add_row(
+            str(a["id"]), str(a["step"]), str(a["rank"]), a["kind"], a["severity"], a["message"]
+        )
+    out.print(table)
+    out.print(f"{len(found)} anomal{'y' if len(found) == 1 else 'ies'} of run {run_id}")
 
 
 def bucket_table(buckets: list[dict[str, Any]], *, title: str | None = None) -> Table:

@@ -154,6 +154,28 @@ class Client:
                 bucket[field] = _number(bucket[field])
         return found
 
+    # -- anomalies ----------------------------------------------------------
+    def anomalies(
+        self,
+        run_id: int,
+        *,
+        kind: str | None = None,
+        severity: str | None = None,
+        rank: int | None = None,
+        after: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Anomalies of the run, oldest first; pass the last one's ``id`` as ``after`` to poll."""
+        params = {"kind": kind, "severity": severity, "rank": rank, "after": after}
+        params["limit"] = limit
+        found = self._call("GET", f"/api/v1/runs/{run_id}/anomalies", params=_present(params))
+        for anomaly in found:
+            anomaly["evidence"] = {
+                name: decoded if (decoded := _number(value)) is not None else value
+                for name, value in anomaly["evidence"].items()
+            }
+        return found
+
     # -- plumbing -----------------------------------------------------------
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._http.request(method, path, **kwargs)

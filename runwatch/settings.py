@@ -35,6 +35,31 @@ class Settings(BaseSettings):
         description="How long a key lookup is remembered; a revoked key works at most this long.",
     )
     log_level: str = Field("info", description="Log level of the server.")
+    detection: bool = Field(
+        True, description="Feed stored points to the detectors and store their anomalies."
+    )
+    detector_check_seconds: float = Field(
+        5.0,
+        ge=0.01,
+        le=3600,
+        description="How often running runs are checked for findings made of time passing "
+        "(hangs, silent ranks).",
+    )
+    detector_time_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Multiplies the detectors' hang timeouts (5 min after the last step, 30 min "
+        "before the first): below 1 only for runs on a compressed clock, such as the scenario "
+        "benchmark's.",
+    )
+    detector_snapshot_seconds: float = Field(
+        30.0,
+        ge=0.01,
+        le=86_400,
+        description="How often detector state is saved to the database; a crash (not a clean "
+        "stop, which saves it) forgets at most this much of what the detectors learned.",
+    )
 
     @field_validator("db")
     @classmethod

@@ -9,7 +9,14 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from runwatch.api.auth import Principal
-from runwatch.api.deps import IngestAuth, SettingsDep, StoreDep, TelemetryDep, WriterDep
+from runwatch.api.deps import (
+    IngestAuth,
+    PipelineDep,
+    SettingsDep,
+    StoreDep,
+    TelemetryDep,
+    WriterDep,
+)
 from runwatch.api.schemas import IngestReply
 from runwatch.collector.batch import Batch, decode_body, parse_batch
 from runwatch.collector.storage.points import Prepared, prepare
@@ -22,7 +29,8 @@ BATCH_DOC = f"""Body: a map ``{{run, rank, seq, points, heartbeat?}}`` in {MSGPA
 ``points`` is an array of ``[step, wall_time, key, value]``. In JSON, NaN and
 infinities are the strings "NaN", "Infinity", "-Infinity". A batch whose
 ``(run, rank, seq)`` was already stored is acknowledged with ``duplicate: true``
-and stores nothing."""
+and stores nothing. Stored points are then fed to the run's detectors, off the
+request: their anomalies appear under ``/api/v1/runs/{{run_id}}/anomalies``."""
 
 
 @router.post(
@@ -39,6 +47,7 @@ async def ingest(
     writer: WriterDep,
     settings: SettingsDep,
     telemetry: TelemetryDep,
+    pipeline: PipelineDep,
 ) -> IngestReply:
     started = time.perf_counter()
     body = await request.body()
@@ -47,6 +56,9 @@ async def ingest(
         _checked_batch, body, content_type, principal, store, settings.max_points_per_batch
     )
     result = await asyncio.wrap_future(writer.submit(batch, prepared))
+    if pipeline is not None:
+        # Never blocks: a full detection queue drops the batch from detection and counts it.
+        pipeline.submit(batch, stored=result.stored)
     if result.stored:
         telemetry.batches.labels("stored").inc()
         telemetry.points.inc(result.n_points)

@@ -6,17 +6,24 @@ integer series id, so a batch insert is one multi-row INSERT (SQLite) or COPY
 as NULL in ``points.value`` and ``series.last_value`` because SQLite cannot
 store NaN (it silently turns it into NULL anyway); +/-Inf are stored natively
 by both databases. :mod:`runwatch.collector.storage.points` converts both ways.
+
+``anomalies`` holds what the detectors found; ``anomalies.evidence`` is JSON,
+so its non-finite numbers are the strings ``"NaN"``, ``"Infinity"`` and
+``"-Infinity"``, as on the wire. ``detector_state`` keeps one pickled
+detection engine per run (see :mod:`runwatch.collector.pipeline`).
 """
 
 from __future__ import annotations
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Column,
     Double,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     PrimaryKeyConstraint,
     String,
     Table,
@@ -111,4 +118,41 @@ api_keys = Table(
     Column("scopes", String(64), nullable=False),
     Column("created_at", Double, nullable=False),
     Column("revoked_at", Double),
+)
+
+anomalies = Table(
+    "anomalies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("key", String(256), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("step", BigInteger, nullable=False),
+    # The observation's wall time (the check's time for findings made of time passing).
+    Column("wall_time", Double, nullable=False),
+    Column("score", Double, nullable=False),
+    Column("detector", String(64), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("evidence", JSON, nullable=False),
+    Column("created_at", Double, nullable=False),
+    # (run_id, id): the polling query (``after`` a cursor, oldest first); (run_id, kind): filters.
+    Index("ix_anomalies_run_id_id", "run_id", "id"),
+    Index("ix_anomalies_run_id_kind", "run_id", "kind"),
+)
+
+detector_state = Table(
+    "detector_state",
+    metadata,
+    Column(
+        "run_id",
+        Integer,
+        ForeignKey("runs.id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    Column("state", LargeBinary, nullable=False),
+    Column("step", BigInteger),
+    Column("updated_at", Double, nullable=False),
 )

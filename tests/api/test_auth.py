@@ -150,6 +150,7 @@ def calls_on(run: int, project: str) -> list[Call]:
         Call("series", "read", "GET", f"/api/v1/runs/{run}/series"),
         Call("latest", "read", "GET", f"/api/v1/runs/{run}/latest"),
         Call("metrics", "read", "GET", f"/api/v1/runs/{run}/metrics", params={"key": "loss"}),
+        Call("anomalies", "read", "GET", f"/api/v1/runs/{run}/anomalies"),
         Call("create", "ingest", "POST", "/api/v1/runs", json={"project": project, "name": "new"}),
         Call("finish", "ingest", "POST", f"/api/v1/runs/{run}/finish", json={"state": "failed"}),
     ]
