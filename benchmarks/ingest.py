@@ -4,6 +4,7 @@ Run by hand from the repository root (never from the tests or CI)::
 
     .venv/bin/python -m benchmarks.ingest [--seconds 10] [--warmup 2] [--clients 4]
         [--batch-size 1000] [--postgres postgresql+psycopg://postgres@127.0.0.1:5432/test]
+        [--no-postgres] [--no-detection]
 
 For each database (a fresh SQLite file; a fresh PostgreSQL database created on
 the ``--postgres`` server and dropped afterwards, skipped with a note if that
@@ -207,7 +208,7 @@ def _free_port() -> int:
 
 
 @contextmanager
-def collector(db_url: str, workdir: Path) -> Iterator[str]:
+def collector(db_url: str, workdir: Path, *, detection: bool = True) -> Iterator[str]:
     """``runwatch server`` on a free loopback port until the block ends; yields its URL."""
     port = _free_port()
     runwatch_cli = Path(sys.executable).with_name("runwatch")
@@ -217,6 +218,7 @@ def collector(db_url: str, workdir: Path) -> Iterator[str]:
             [str(runwatch_cli), "server", "--db", db_url, *("--port", str(port)), *LOOPBACK],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "RUNWATCH_DETECTION": "true" if detection else "false"},
             start_new_session=True,  # Ctrl-C reaches only us; we stop it below
         )
     url = f"http://127.0.0.1:{port}"
@@ -269,7 +271,10 @@ def postgres_database(server_url: str) -> Iterator[str | None]:
 
 # -- one measurement ---------------------------------------------------------------------------
 def measure(name: str, db_url: str, args: argparse.Namespace, workdir: Path) -> Row:
-    with collector(db_url, workdir) as url, httpx.Client(base_url=url, timeout=60.0) as http:
+    with (
+        collector(db_url, workdir, detection=not args.no_detection) as url,
+        httpx.Client(base_url=url, timeout=60.0) as http,
+    ):
         tag = uuid.uuid4().hex[:8]
         run_ids = [
             http.post("/api/v1/runs", json={"project": "bench", "name": f"{tag}-{i}"})
@@ -310,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1000, help="points per batch (1000)")
     parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help="PostgreSQL server URL")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument(
+        "--no-detection", action="store_true", help="run the collector with its detectors off"
+    )
     args = parser.parse_args(argv)
     if args.seconds <= 0 or args.warmup < 0 or args.clients < 1 or args.batch_size < 1:
         parser.error("--seconds, --clients and --batch-size must be positive")
@@ -317,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"runwatch ingest benchmark: nproc {os.cpu_count()}, python {sys.version.split()[0]}, "
         f"sqlite {sqlite3.sqlite_version}; {args.clients} clients x {args.batch_size}-point "
-        f"msgpack batches, {args.warmup:g} s warm-up + {args.seconds:g} s timed",
+        f"msgpack batches, {args.warmup:g} s warm-up + {args.seconds:g} s timed, "
+        f"detection {'off' if args.no_detection else 'on'}",
         flush=True,
     )
     rows: list[Row] = []

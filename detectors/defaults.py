@@ -20,9 +20,10 @@ from runwatch.detectors.spike import Spike
 from runwatch.detectors.straggler import Straggler
 from runwatch.detectors.system import CounterIncrease, Drop, MemoryGrowth, Regression
 
-MEMORY = {"window": 30, "every": 3, "sustained": 3, "min_points": 12}
-"""Memory growth over the last 30 samples (2.5 min at the agent's 5 s): a leak that fills a
-host in an hour is reported within minutes, not after a 10-minute window."""
+MEMORY = {"window": 36, "every": 3, "sustained": 2, "min_points": 12}
+"""Memory growth over the last 12 to 36 samples (1 to 3 min at the agent's 5 s), confirmed by
+two fits in a row: a leak that fills a host in an hour is reported within minutes, not after
+a 10-minute window."""
 
 RULES: tuple[Rule, ...] = (
     Rule("train/loss", NonFinite, {"kind": "nonfinite_loss"}),

@@ -443,10 +443,24 @@ class MemoryGrowth(SeriesDetector):
         )
 
     def _fit(self) -> tuple[float, float, bool]:
-        """(slope per s, fitted value now, whether that is growth) over the window."""
-        t = np.fromiter(self._times, float, len(self._times))
-        v = np.fromiter(self._values, float, len(self._values))
-        t = t - t[-1]  # the newest time is 0: no precision lost to epoch seconds
+        """(slope per s, fitted value now, whether that is growth) over the window.
+
+        The newest ``min_points``, twice as many, ... up to the whole window are each fitted,
+        and the first that shows growth counts: a leak that began a minute ago fills the short
+        windows before the long one, and each window still rejects a single step up.
+        """
+        t_all = np.fromiter(self._times, float, len(self._times))
+        v_all = np.fromiter(self._values, float, len(self._values))
+        t_all = t_all - t_all[-1]  # the newest time is 0: no precision lost to epoch seconds
+        sizes = [*range(self.min_points, len(t_all), self.min_points), len(t_all)]
+        result = (0.0, float(v_all[-1]), False)
+        for size in sizes:
+            result = self._fit_window(t_all[-size:], v_all[-size:])
+            if result[2]:
+                break
+        return result
+
+    def _fit_window(self, t: np.ndarray, v: np.ndarray) -> tuple[float, float, bool]:
         line = _line(t, v)
         if line is None:
             return 0.0, float(v[-1]), False
