@@ -18,7 +18,10 @@ steps, increasing ``seq``) over keep-alive HTTP for ``--warmup`` plus
   (first timed send to last timed reply, over all clients);
 - batches and p50/p99/max latency of one POST, timed window only;
 - stored: the sum of ``n_points`` over ``/api/v1/runs/{id}/series``, which
-  must equal every point the clients sent (warm-up included).
+  must equal every point the clients sent (warm-up included);
+- points that skipped detection: ``runwatch_detection_dropped_points_total``
+  from the collector's ``/metrics`` (0 when the detectors kept up; always 0
+  with ``--no-detection``, which turns them off).
 
 Everything is bounded: loopback only, fixed duration, and the server and the
 client processes are stopped on exit, on errors and on Ctrl-C.
@@ -90,6 +93,8 @@ class Row:
     max_ms: float
     stored: int
     sent: int
+    skipped_detection: int
+    """Points the collector's detection thread could not keep up with (they skip detection)."""
 
 
 # -- client processes --------------------------------------------------------------------------
@@ -288,6 +293,7 @@ def measure(name: str, db_url: str, args: argparse.Namespace, workdir: Path) -> 
             for run_id in run_ids
             for s in http.get(f"/api/v1/runs/{run_id}/series").raise_for_status().json()
         )
+        skipped = _metric_sum(http.get("/metrics").text, "runwatch_detection_dropped_points_total")
     latencies = sorted(lat for r in results for lat in r.latencies)
     points = sum(r.points for r in results)
     if not latencies:
@@ -303,6 +309,7 @@ def measure(name: str, db_url: str, args: argparse.Namespace, workdir: Path) -> 
         max_ms=1e3 * latencies[-1],
         stored=stored,
         sent=points + sum(r.warmup_points for r in results),
+        skipped_detection=skipped,
     )
 
 
@@ -341,14 +348,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.stored == r.sent for r in rows) else 1
 
 
+def _metric_sum(exposition: str, name: str) -> int:
+    """Sum of every sample of one counter in a Prometheus text exposition."""
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in exposition.splitlines()
+            if line.startswith((f"{name} ", f"{name}{{"))
+        )
+    )
+
+
 def _print_table(rows: list[Row]) -> None:
     header = f"{'database':<11}{'points/s':>11}{'batches':>9}{'p50 ms':>8}{'p99 ms':>8}"
-    print(header + f"{'max ms':>8}  stored/sent")
+    print(header + f"{'max ms':>8}  stored/sent, points that skipped detection")
     for r in rows:
         check = "ok" if r.stored == r.sent else "MISMATCH"
         print(
             f"{r.name:<11}{r.points_per_s:>11,.0f}{r.batches:>9,}{r.p50_ms:>8.1f}{r.p99_ms:>8.1f}"
-            f"{r.max_ms:>8.1f}  {r.stored:,}/{r.sent:,} {check}"
+            f"{r.max_ms:>8.1f}  {r.stored:,}/{r.sent:,} {check}, {r.skipped_detection:,}"
         )
 
 
