@@ -70,17 +70,15 @@ import os
 import platform
 import queue
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +87,7 @@ import psutil
 import torch
 
 import runwatch
+from benchmarks.collector_process import collector_process, free_port
 from runwatch.tinylm import TinyConfig, TinyLM, batches, corpus, loss_of, warmup_cosine
 
 if TYPE_CHECKING:
@@ -189,52 +188,9 @@ def _dropped(run: Run) -> int:
 
 
 # -- the collector process ---------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def collector(workdir: Path) -> Iterator[str]:
+def collector(workdir: Path) -> AbstractContextManager[str]:
     """``python -m runwatch server`` on SQLite and a free loopback port; yields its URL."""
-    import httpx
-
-    port = _free_port()
-    log_path = workdir / "collector.log"
-    command = [
-        sys.executable,
-        *("-m", "runwatch", "server"),
-        *("--db", f"sqlite:///{workdir / 'collector.db'}"),
-        *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
-    ]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches only us; we stop it below
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"collector exited ({proc.returncode}):\n{log_path.read_text()}")
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"collector not ready after {READY_TIMEOUT:.0f} s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return collector_process(f"sqlite:///{workdir / 'collector.db'}", workdir / "collector.log")
 
 
 def stored_series(url: str, run_id: int | None) -> dict[str, int]:
@@ -706,7 +662,7 @@ def measure_memory(url: str, opts: dict[str, Any], workdir: Path) -> dict[str, A
 
     # Collector down: 2,000,000 points as fast as log() takes them.
     spool = workdir / "spool-stress"
-    dead = f"http://127.0.0.1:{_free_port()}"  # bound, then closed: nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # bound, then closed: nothing listens there
     gc.collect()
     rss0 = _rss_mb()
     before = {t.ident for t in threading.enumerate() if t.ident is not None}

@@ -35,10 +35,8 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +50,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.collector_process import collector_process
 from runwatch import wire
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -206,46 +205,12 @@ def _wait_all(source: Any, procs: list[Any], timeout: float, failures: Any = Non
 
 
 # -- the collector process ---------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def collector(db_url: str, workdir: Path, *, detection: bool = True) -> Iterator[str]:
     """``runwatch server`` on a free loopback port until the block ends; yields its URL."""
-    port = _free_port()
-    runwatch_cli = Path(sys.executable).with_name("runwatch")
-    log_path = workdir / f"server-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [str(runwatch_cli), "server", "--db", db_url, *("--port", str(port)), *LOOPBACK],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "RUNWATCH_DETECTION": "true" if detection else "false"},
-            start_new_session=True,  # Ctrl-C reaches only us; we stop it below
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"collector exited ({proc.returncode}):\n{log_path.read_text()}")
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"collector not ready after {READY_TIMEOUT:.0f} s")
-            time.sleep(0.1)
+    env = {"RUNWATCH_DETECTION": "true" if detection else "false"}
+    with collector_process(db_url, workdir / f"server-{uuid.uuid4().hex[:6]}.log", env) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextmanager

@@ -88,17 +88,8 @@ class SeriesDetector(Snapshotable):
         message: str,
         **evidence: float,
     ) -> Anomaly:
-        return Anomaly(
-            kind=kind,
-            severity=severity,
-            key=getattr(self, "key", ""),
-            rank=getattr(self, "rank", 0),
-            step=step,
-            score=_finite_or(score, 0.0),
-            detector=self.name,
-            message=message,
-            evidence=evidence,
-        )
+        key, rank = getattr(self, "key", ""), getattr(self, "rank", 0)
+        return _anomaly(self.name, kind, severity, key, rank, step, score, message, evidence)
 
 
 class RunDetector(Snapshotable):
@@ -129,17 +120,31 @@ class RunDetector(Snapshotable):
         message: str,
         **evidence: float,
     ) -> Anomaly:
-        return Anomaly(
-            kind=kind,
-            severity=severity,
-            key=key,
-            rank=rank,
-            step=step,
-            score=_finite_or(score, 0.0),
-            detector=self.name,
-            message=message,
-            evidence=evidence,
-        )
+        return _anomaly(self.name, kind, severity, key, rank, step, score, message, evidence)
+
+
+def _anomaly(
+    detector: str,
+    kind: str,
+    severity: Severity,
+    key: str,
+    rank: int,
+    step: int,
+    score: float,
+    message: str,
+    evidence: dict[str, float],
+) -> Anomaly:
+    return Anomaly(
+        kind=kind,
+        severity=severity,
+        key=key,
+        rank=rank,
+        step=step,
+        score=_finite_or(score, 0.0),
+        detector=detector,
+        message=message,
+        evidence=evidence,
+    )
 
 
 def _finite_or(value: Any, default: float) -> float:

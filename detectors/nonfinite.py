@@ -40,25 +40,29 @@ class NonFinite(SeriesDetector):
         self._in_episode = False
 
     def update(self, step: int, value: float, wall_time: float) -> Anomaly | None:
-        if math.isfinite(value):
+        if not self._is_bad(value):
             self._in_episode = False
             return None
         if self._in_episode:
             return None
         self._in_episode = True
-        what = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+        score = value if math.isfinite(value) else 1.0
         return self.anomaly(
-            self.kind,
-            self.severity,
-            step,
-            1.0,
+            self.kind, self.severity, step, score, self._describe(value, step), value=value
+        )
+
+    def _is_bad(self, value: float) -> bool:
+        return not math.isfinite(value)
+
+    def _describe(self, value: float, step: int) -> str:
+        what = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+        return (
             f"{getattr(self, 'key', 'value')} is {what} at step {step}: skip the step or roll "
-            "back to the last good checkpoint",
-            value=value,
+            "back to the last good checkpoint"
         )
 
 
-class Positive(SeriesDetector):
+class Positive(NonFinite):
     """Fires when a fraction that should stay 0 (e.g. ``act/*/nonfinite_frac``) turns positive.
 
     Parameters
@@ -75,28 +79,11 @@ class Positive(SeriesDetector):
 
     name = "positive"
 
-    def __init__(self, kind: str = "nonfinite", severity: Severity = "critical") -> None:
-        check_choice("severity", severity, ("info", "warning", "critical"))
-        self.kind = kind
-        self.severity: Severity = severity
-        self._reset()
+    def _is_bad(self, value: float) -> bool:
+        return value > 0 or math.isnan(value)
 
-    def _reset(self) -> None:
-        self._in_episode = False
-
-    def update(self, step: int, value: float, wall_time: float) -> Anomaly | None:
-        if not (value > 0 or math.isnan(value)):
-            self._in_episode = False
-            return None
-        if self._in_episode:
-            return None
-        self._in_episode = True
-        return self.anomaly(
-            self.kind,
-            self.severity,
-            step,
-            value if math.isfinite(value) else 1.0,
+    def _describe(self, value: float, step: int) -> str:
+        return (
             f"{getattr(self, 'key', 'value')} = {value:.3g} at step {step}: non-finite values "
-            "inside the model",
-            value=value,
+            "inside the model"
         )

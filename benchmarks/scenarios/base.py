@@ -3,7 +3,6 @@ run is started (:class:`AgentSetup`), so that every run is watched the same way.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,13 +17,6 @@ SYSTEM_INTERVAL = 0.5
 HEARTBEAT_INTERVAL = 1.0
 PACE_S = 0.025
 """Default wall time of one training step's compute, in seconds (see :func:`~.loop.pace`)."""
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on (bound, then closed)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from benchmarks.scenarios.base import PROJECT, free_port
+from benchmarks.collector_process import collector_process
+from benchmarks.scenarios.base import PROJECT
 
 READY_TIMEOUT = 60.0
 CHECK_SECONDS = "1"
@@ -34,52 +31,16 @@ class NoPipeline(Exception):
     has no detection pipeline (yet)."""
 
 
-@contextmanager
-def collector(workdir: Path) -> Iterator[str]:
+def collector(workdir: Path) -> AbstractContextManager[str]:
     """``python -m runwatch server`` on a fresh SQLite file and a free loopback port, with
     ``RUNWATCH_DETECTOR_CHECK_SECONDS=1`` and ``RUNWATCH_DETECTOR_TIME_SCALE=0.01``; yields its
     URL, stops it on the way out."""
-    port = free_port()
-    log_path = workdir / "collector.log"
-    command = [
-        sys.executable,
-        *("-m", "runwatch", "server"),
-        *("--db", f"sqlite:///{workdir / 'collector.db'}"),
-        *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
-    ]
     env = {
-        **os.environ,
         "RUNWATCH_DETECTOR_CHECK_SECONDS": CHECK_SECONDS,
         "RUNWATCH_DETECTOR_TIME_SCALE": TIME_SCALE,
     }
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # Ctrl-C reaches only us; we stop it below
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"collector exited ({proc.returncode}):\n{log_path.read_text()}")
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"collector not ready after {READY_TIMEOUT:.0f} s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    db = f"sqlite:///{workdir / 'collector.db'}"
+    return collector_process(db, workdir / "collector.log", env)
 
 
 def find_run(url: str, name: str, project: str = PROJECT) -> int | None:

@@ -25,7 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from benchmarks.scenarios.base import PACE_S, AgentSetup, Outcome, Scenario, free_port
+from benchmarks.collector_process import free_port
+from benchmarks.scenarios.base import PACE_S, AgentSetup, Outcome, Scenario
 from benchmarks.scenarios.loop import Stream, lm_model, lm_stream, lm_val_batch, train_loop
 
 STEPS = 300
