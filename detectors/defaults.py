@@ -19,6 +19,7 @@ from runwatch.detectors.nonfinite import NonFinite, Positive
 from runwatch.detectors.spike import Spike
 from runwatch.detectors.straggler import Straggler
 from runwatch.detectors.system import CounterIncrease, Drop, MemoryGrowth, Regression
+from runwatch.detectors.update_ratio import UpdateRatio
 
 MEMORY = {"window": 36, "every": 3, "sustained": 2, "min_points": 12}
 """Memory growth over the last 12 to 36 samples (1 to 3 min at the agent's 5 s), confirmed by
@@ -57,6 +58,7 @@ def run_rules(time_scale: float = 1.0) -> tuple[RunRule, ...]:
         RunRule(Liveness, liveness),
         RunRule(Straggler),
         RunRule(SystemOutlier),
+        RunRule(UpdateRatio),
     )
 
 
