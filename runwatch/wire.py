@@ -90,3 +90,24 @@ def encode_batch(
     if content_type == MSGPACK:
         return msgpack.packb(body, use_bin_type=True)
     return orjson.dumps(body)
+
+
+# -- control channel (v1) -------------------------------------------------------------------
+COMMAND_TYPES = ("lr_scale", "clip", "skip_step", "checkpoint", "rollback", "stop")
+"""Interventions the agent applies at a step boundary (DESIGN.md, "Interventions")."""
+ACK_STATUSES = ("applied", "failed", "expired")
+"""What a rank reports about a command: applied, failed (with a reason), or expired (it
+reached the rank after its ``at_step`` had passed, so applying it would split the ranks)."""
+
+
+class Command(NamedTuple):
+    """A command as the agent receives it in an ingest reply or from the long poll.
+
+    ``at_step``: the step at whose boundary every rank applies it (None: the next one).
+    """
+
+    id: int
+    type: str
+    args: dict[str, Any]
+    at_step: int | None
+    source: str
