@@ -36,6 +36,11 @@ class Principal:
         """The only project this caller may see; None on an open server (all of them)."""
         return None if self.key is None else self.key.project_id
 
+    @property
+    def source(self) -> str:
+        """The caller as the audit log names it: ``api:<key prefix>``, or ``api:open``."""
+        return "api:open" if self.key is None else f"api:{self.key.prefix}"
+
     def check_run(self, store: Store, run_id: int) -> None:
         """:class:`NotFound` unless the run exists and lies in the caller's project."""
         project_id = store.run_project(run_id)

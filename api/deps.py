@@ -13,6 +13,7 @@ from fastapi import Depends, Header, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from runwatch.api.auth import KeyCache, Principal, authorize, bearer_secret, lookup_state
+from runwatch.collector.control import ControlChannel
 from runwatch.collector.pipeline import DetectionPipeline
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.writer import BatchWriter
@@ -42,6 +43,10 @@ async def get_pipeline(request: Request) -> DetectionPipeline | None:
     return request.app.state.pipeline
 
 
+async def get_control(request: Request) -> ControlChannel:
+    return request.app.state.control
+
+
 RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="Run id.")]
 Rank = Annotated[
     int, Query(ge=0, le=MAX_ID, description="Rank of the process (0 if not distributed).")
@@ -52,6 +57,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]
 WriterDep = Annotated[BatchWriter, Depends(get_writer)]
 PipelineDep = Annotated[DetectionPipeline | None, Depends(get_pipeline)]
+ControlDep = Annotated[ControlChannel, Depends(get_control)]
 
 
 async def get_key_cache(request: Request) -> KeyCache:
@@ -81,3 +87,4 @@ def _requires(scope: str):  # type: ignore[no-untyped-def]
 
 IngestAuth = Annotated[Principal, _requires("ingest")]
 ReadAuth = Annotated[Principal, _requires("read")]
+OperateAuth = Annotated[Principal, _requires("operate")]

@@ -6,12 +6,14 @@ Floats that are NaN or infinite serialise as the strings ``"NaN"``,
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runwatch.collector.storage.anomalies import AnomalyRecord, evidence_json
+from runwatch.collector.storage.commands import MAX_DETAIL_LENGTH, CommandRecord
 from runwatch.collector.storage.runs import RunRecord
+from runwatch.wire import MAX_ID, MAX_INT64
 
 
 class Body(BaseModel):
@@ -50,9 +52,28 @@ class RunCreated(RunOut):
     resumed: bool = Field(description="True when a run of that name already existed.")
 
 
+class WireCommand(Body):
+    """A command as the agent receives it: the fields of ``runwatch.wire.Command``."""
+
+    id: int
+    type: str
+    args: dict[str, Any]
+    at_step: int | None = Field(
+        description="The step at whose boundary every rank applies it (null: the next one)."
+    )
+    source: str = Field(
+        description="Who issued it: `api:<key prefix>`, `api:open` or `policy:<name>`."
+    )
+
+
 class IngestReply(Body):
     accepted: int = Field(description="Points stored from this batch (0 for a replay).")
     duplicate: bool = Field(description="True when this (run, rank, seq) was already stored.")
+    commands: list[WireCommand] = Field(
+        default_factory=list,
+        description="Commands of the run this rank has not acknowledged (and that are neither "
+        "expired nor cancelled), oldest first; repeated in every reply until acknowledged.",
+    )
 
 
 class SeriesOut(Body):
@@ -156,4 +177,196 @@ def run_out(record: RunRecord) -> RunOut:
         updated_at=record.updated_at,
         heartbeat_at=record.heartbeat_at,
         finished_at=record.finished_at,
+    )
+
+
+# -- commands ---------------------------------------------------------------------------
+MAX_SCALE_STEPS = 10**7
+MAX_SKIP_BATCHES = 10**7
+MAX_REASON_LENGTH = 500
+MAX_EXPIRES_IN = 7 * 86_400.0
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class LrScaleArgs(Body):
+    factor: FiniteFloat = Field(gt=0, le=100, description="Multiplies the learning rate.")
+    steps: int = Field(
+        ge=1, le=MAX_SCALE_STEPS, description="For this many steps; then the schedule resumes."
+    )
+
+
+class ClipArgs(Body):
+    """Either a fixed ``max_norm`` or ``mode: "adaptive"`` (ZClip: EMA z-score clipping)."""
+
+    max_norm: FiniteFloat | None = Field(None, gt=0, description="Fixed gradient-norm clip.")
+    mode: Literal["adaptive"] | None = None
+    z: FiniteFloat | None = Field(None, gt=0, description="Adaptive: z-score threshold (2.5).")
+    alpha: FiniteFloat | None = Field(None, gt=0, lt=1, description="Adaptive: EMA factor (0.97).")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> ClipArgs:
+        if (self.max_norm is None) == (self.mode is None):
+            raise ValueError(
+                "clip takes either max_norm (a fixed clip) or mode 'adaptive' (z, alpha), "
+                "exactly one of them"
+            )
+        if self.mode is None:
+            if self.z is not None or self.alpha is not None:
+                raise ValueError("z and alpha apply only to mode 'adaptive'")
+        else:
+            self.z = 2.5 if self.z is None else self.z
+            self.alpha = 0.97 if self.alpha is None else self.alpha
+        return self
+
+
+class SkipStepArgs(Body):
+    pass
+
+
+class ReasonArgs(Body):
+    reason: str = Field("", max_length=MAX_REASON_LENGTH)
+
+
+class RollbackArgs(Body):
+    checkpoint: Literal["last_good"] | int = Field(
+        "last_good", description="`last_good`, or the id of a registered checkpoint."
+    )
+    skip_batches: int = Field(
+        0, ge=0, le=MAX_SKIP_BATCHES, description="Batches to skip after restoring."
+    )
+
+    @field_validator("checkpoint", mode="before")
+    @classmethod
+    def _last_good_or_id(cls, value: object) -> object:
+        if value == "last_good" or (type(value) is int and 1 <= value <= MAX_ID):
+            return value
+        raise ValueError(
+            f"checkpoint must be 'last_good' or a checkpoint id (an integer from 1 to {MAX_ID})"
+        )
+
+
+class _Issue(Body):
+    at_step: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_INT64,
+        description="Step at whose boundary every rank applies it; by default the run's latest "
+        "step plus ~5 s of steps at its pace.",
+    )
+    expires_in: FiniteFloat | None = Field(
+        None,
+        ge=1,
+        le=MAX_EXPIRES_IN,
+        description="Seconds it stays deliverable (default: the server's command_ttl_seconds).",
+    )
+
+
+class IssueLrScale(_Issue):
+    type: Literal["lr_scale"]
+    args: LrScaleArgs
+
+
+class IssueClip(_Issue):
+    type: Literal["clip"]
+    args: ClipArgs
+
+
+class IssueSkipStep(_Issue):
+    type: Literal["skip_step"]
+    args: SkipStepArgs = Field(default_factory=SkipStepArgs)
+
+
+class IssueCheckpoint(_Issue):
+    type: Literal["checkpoint"]
+    args: ReasonArgs = Field(default_factory=ReasonArgs)
+
+
+class IssueRollback(_Issue):
+    type: Literal["rollback"]
+    args: RollbackArgs = Field(default_factory=RollbackArgs)
+
+
+class IssueStop(_Issue):
+    type: Literal["stop"]
+    args: ReasonArgs = Field(default_factory=ReasonArgs)
+
+
+IssueCommand = Annotated[
+    IssueLrScale | IssueClip | IssueSkipStep | IssueCheckpoint | IssueRollback | IssueStop,
+    Field(discriminator="type"),
+]
+"""``POST /api/v1/runs/{id}/commands``: one model per type of ``runwatch.wire.COMMAND_TYPES``."""
+
+
+class AckOut(Body):
+    rank: int
+    status: str = Field(description="`applied`, `failed` or `expired`.")
+    detail: str
+    step: int | None = Field(description="The step at which the rank applied it.")
+    acked_at: float
+
+
+class CommandOut(Body):
+    """A command with everything the audit log knows about it."""
+
+    id: int
+    run_id: int
+    type: str
+    args: dict[str, Any]
+    at_step: int | None
+    source: str
+    state: str = Field(
+        description="`pending`, `delivered`, `applied`, `failed` (rank 0's outcome), "
+        "`expired` or `cancelled`."
+    )
+    created_at: float
+    delivered_at: float | None = Field(description="First delivery to any rank.")
+    finished_at: float | None
+    expires_at: float
+    cancelled_by: str | None
+    acks: list[AckOut] = Field(description="Every rank's outcome, by rank.")
+
+
+class PendingOut(Body):
+    commands: list[WireCommand]
+
+
+class AckCommand(Body):
+    run: int = Field(ge=1, le=MAX_ID, description="The command's run.")
+    rank: int = Field(ge=0, le=MAX_ID)
+    status: Literal["applied", "failed", "expired"]
+    detail: str = Field("", max_length=MAX_DETAIL_LENGTH)
+    step: int | None = Field(None, ge=0, le=MAX_INT64)
+
+
+class AckReply(Body):
+    id: int
+    state: str
+
+
+def wire_command(record: CommandRecord) -> WireCommand:
+    return WireCommand(
+        id=record.id,
+        type=record.type,
+        args=record.args,
+        at_step=record.at_step,
+        source=record.source,
+    )
+
+
+def command_out(record: CommandRecord) -> CommandOut:
+    return CommandOut(
+        id=record.id,
+        run_id=record.run_id,
+        type=record.type,
+        args=record.args,
+        at_step=record.at_step,
+        source=record.source,
+        state=record.state,
+        created_at=record.created_at,
+        delivered_at=record.delivered_at,
+        finished_at=record.finished_at,
+        expires_at=record.expires_at,
+        cancelled_by=record.cancelled_by,
+        acks=[AckOut.model_validate(a, from_attributes=True) for a in record.acks],
     )

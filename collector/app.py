@@ -11,9 +11,10 @@ from fastapi import FastAPI
 
 import runwatch
 from runwatch.api.auth import KeyCache
-from runwatch.api.routes import anomalies, series
+from runwatch.api.routes import anomalies, commands, series
 from runwatch.api.routes import runs as run_queries
 from runwatch.collector import error_handlers
+from runwatch.collector.control import ControlChannel
 from runwatch.collector.limits import BodyLimit
 from runwatch.collector.pipeline import DetectionPipeline
 from runwatch.collector.routes import health, ingest
@@ -44,6 +45,8 @@ def create_app(settings: Settings) -> FastAPI:
         store = Store(engine, checkpoint_interval=SQLITE_CHECKPOINT_INTERVAL)
         app.state.store = store
         app.state.writer = writer = BatchWriter(store, observe=telemetry.db_write.observe)
+        app.state.control = control = ControlChannel(store, ttl=settings.command_ttl_seconds)
+        control.load()
         app.state.pipeline = pipeline = (
             DetectionPipeline(
                 store,
@@ -69,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            control.close()
             writer.close()
             if pipeline is not None:  # after the writer: it feeds what the writer committed
                 pipeline.close()
@@ -97,6 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
         run_queries.router,
         series.router,
         anomalies.router,
+        commands.router,
         health.router,
     ):
         app.include_router(router)

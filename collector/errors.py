@@ -50,6 +50,12 @@ class NotFound(RunwatchError):
     reason = "not_found"
 
 
+class Conflict(RunwatchError):
+    """The request is valid but the object's state does not allow it now."""
+
+    reason = "conflict"
+
+
 class Unauthorized(RunwatchError):
     """No key, or a key that is unknown or revoked."""
 

@@ -81,11 +81,26 @@ def tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, 50, 100)
 
 
+class CollectorServer(uvicorn.Server):
+    """uvicorn, answering long polls at once when it stops.
+
+    uvicorn waits for every open request before it shuts the app down, so a
+    command long poll (up to 30 s) would hold a stopping server that long.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = getattr(self.config.app, "state", None)
+        control = getattr(state, "control", None)
+        if control is not None:
+            control.close()
+        await super().shutdown(sockets)
+
+
 def serve(settings: Settings) -> None:
     """Run in the foreground until interrupted."""
     check_exposure(settings)
     tune_gc()
-    uvicorn.Server(uvicorn_config(settings)).run()
+    CollectorServer(uvicorn_config(settings)).run()
 
 
 class ServerThread:
@@ -104,7 +119,7 @@ class ServerThread:
         self.settings = settings.model_copy(update={"port": self.port})
         config = uvicorn_config(self.settings, log_level="warning")
         self.app = config.app
-        self._server = uvicorn.Server(config)
+        self._server = CollectorServer(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
         )

@@ -2,8 +2,8 @@
 
 Server-side verbs (``server``, ``db``, ``keys``) talk to the database directly
 and need ``runwatch[server]``; the query verbs (``runs``, ``metrics``,
-``anomalies``) go through the HTTP API with ``--server``/``RUNWATCH_SERVER``
-and ``--api-key``/``RUNWATCH_API_KEY``.
+``anomalies``, ``commands``) and ``command`` go through the HTTP API with
+``--server``/``RUNWATCH_SERVER`` and ``--api-key``/``RUNWATCH_API_KEY``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from runwatch.client import Client, ClientError
+from runwatch.wire import COMMAND_TYPES
 
 if TYPE_CHECKING:
     from runwatch.settings import Settings
@@ -395,6 +396,220 @@ def anomalies_list(
         )
     out.print(table)
     out.print(f"{len(found)} anomal{'y' if len(found) == 1 else 'ies'} of run {run_id}")
+
+
+# -- control channel --------------------------------------------------------------
+COMMAND_STATES = ("pending", "delivered", "applied", "failed", "expired", "cancelled")
+COMMAND_FLAGS: dict[str, tuple[str, ...]] = {
+    "lr_scale": ("factor", "steps"),
+    "clip": ("max_norm", "adaptive", "z", "alpha"),
+    "skip_step": (),
+    "checkpoint": ("reason",),
+    "rollback": ("checkpoint", "skip_batches"),
+    "stop": ("reason",),
+}
+"""The options of ``runwatch command`` that each command type takes."""
+MAX_ACKS_LISTED = 8
+"""Beyond this many reports, ``commands list`` counts outcomes instead of listing them."""
+
+operate_key_option = click.option(
+    "--api-key",
+    envvar="RUNWATCH_API_KEY",
+    help="API key with operate scope [env RUNWATCH_API_KEY].",
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def command_args(type_: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The ``args`` of a ``type_`` command from the CLI options; :class:`click.UsageError` if
+    an option does not apply to the type or a required one is missing."""
+    given = {k: v for k, v in given.items() if v is not None and v is not False}
+    allowed = COMMAND_FLAGS[type_]
+    stray = [_flag(k) for k in given if k not in allowed]
+    if stray:
+        takes = ", ".join(_flag(k) for k in allowed) if allowed else "no options"
+        raise click.UsageError(f"{', '.join(stray)} does not apply to {type_} (it takes {takes})")
+    for name, value in given.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise click.UsageError(f"{_flag(name)} must be a finite number, not {value}")
+    if type_ == "lr_scale":
+        missing = [_flag(k) for k in ("factor", "steps") if k not in given]
+        if missing:
+            raise click.UsageError(f"lr_scale needs {' and '.join(missing)}")
+    elif type_ == "clip":
+        if ("max_norm" in given) == ("adaptive" in given):
+            raise click.UsageError("clip takes either --max-norm X or --adaptive, exactly one")
+        if "max_norm" in given and ({"z", "alpha"} & set(given)):
+            raise click.UsageError("--z and --alpha apply only to clip --adaptive")
+        if given.pop("adaptive", False):
+            given["mode"] = "adaptive"
+    elif type_ == "rollback" and "checkpoint" in given:
+        checkpoint = given["checkpoint"]
+        if checkpoint != "last_good" and not (checkpoint.isdigit() and int(checkpoint) >= 1):
+            raise click.UsageError(
+                f"--checkpoint must be last_good or a checkpoint id, not {checkpoint!r}"
+            )
+        given["checkpoint"] = checkpoint if checkpoint == "last_good" else int(checkpoint)
+    return given
+
+
+@main.command("command")
+@click.argument("run")
+@click.argument("type_", metavar="TYPE", type=click.Choice(COMMAND_TYPES))
+@click.option(
+    "--factor",
+    type=click.FloatRange(0, 100, min_open=True),
+    help="lr_scale: multiply the learning rate by F (0 < F <= 100).",
+)
+@click.option("--steps", type=click.IntRange(1, 10**7), help="lr_scale: for N steps.")
+@click.option(
+    "--max-norm", type=click.FloatRange(0, min_open=True), help="clip: fixed gradient-norm clip."
+)
+@click.option("--adaptive", is_flag=True, help="clip: adaptive clipping (ZClip).")
+@click.option(
+    "--z", type=click.FloatRange(0, min_open=True), help="clip --adaptive: z threshold [2.5]."
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="clip --adaptive: EMA factor [0.97].",
+)
+@click.option("--reason", help="checkpoint, stop: why (kept in the audit log).")
+@click.option("--checkpoint", help="rollback: last_good or a checkpoint id [last_good].")
+@click.option(
+    "--skip-batches",
+    type=click.IntRange(0, 10**7),
+    help="rollback: batches to skip after restoring [0].",
+)
+@click.option(
+    "--at-step",
+    type=click.IntRange(min=0),
+    help="Step at which every rank applies it [the run's latest step + ~5 s of steps].",
+)
+@server_option
+@operate_key_option
+@json_option
+def issue_command(
+    run: str,
+    type_: str,
+    at_step: int | None,
+    server: str | None,
+    api_key: str | None,
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Issue a command to every rank of RUN (id or PROJECT/NAME); needs an operate key.
+
+    \b
+    TYPE and its options:
+      lr_scale    --factor F --steps N
+      clip        --max-norm X | --adaptive [--z Z] [--alpha A]
+      skip_step
+      checkpoint  [--reason TEXT]
+      rollback    [--checkpoint last_good|ID] [--skip-batches N]
+      stop        [--reason TEXT]
+    """
+    args = command_args(type_, options)
+    with _client(server, api_key) as client:
+        run_id = _resolve_run(client, run)["id"]
+        found = client.issue_command(run_id, type_, at_step=at_step, **args)
+    if as_json:
+        _print_json(found)
+        return
+    out.print(
+        f"command {found['id']} issued to run {run_id}: {found['type']} "
+        f"{format_args(found['args'])} at step {found['at_step']} ({found['state']}, "
+        f"source {found['source']}, expires {_when(found['expires_at'])})"
+    )
+
+
+@main.group("commands")
+def commands_group() -> None:
+    """The control channel: commands issued to a run and what each rank did."""
+
+
+@commands_group.command("list")
+@click.argument("run")
+@click.option("--state", type=click.Choice(COMMAND_STATES), help="Only commands in this state.")
+@click.option("--after", type=click.IntRange(min=0), help="Only commands with a larger id.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@server_option
+@key_option
+@json_option
+def commands_list(
+    run: str,
+    state: str | None,
+    after: int | None,
+    limit: int,
+    server: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """Commands of RUN (id or PROJECT/NAME), oldest first, with every rank's outcome."""
+    with _client(server, api_key) as client:
+        run_id = _resolve_run(client, run)["id"]
+        found = client.commands(run_id, state=state, after=after, limit=limit)
+    if as_json:
+        _print_json(found)
+        return
+    # One block per command rather than a table: nine columns do not fit a terminal.
+    for c in found:
+        ended = f", ended {_when(c['finished_at'])}" if c["finished_at"] else ""
+        cancelled = f", cancelled by {c['cancelled_by']}" if c["cancelled_by"] else ""
+        lines = [
+            f"{c['id']} {c['type']} {format_args(c['args'])} at step {c['at_step']}: {c['state']}",
+            f"    issued {_when(c['created_at'])} by {c['source']}, delivered "
+            f"{_when(c['delivered_at'])}{ended}{cancelled}",
+            f"    {format_outcomes(c['acks'])}",
+        ]
+        out.print("\n".join(lines), markup=False, soft_wrap=True)
+    out.print(f"{len(found)} command(s) of run {run_id}")
+
+
+@commands_group.command("cancel")
+@click.argument("command_id", type=click.IntRange(min=1))
+@server_option
+@operate_key_option
+def commands_cancel(command_id: int, server: str | None, api_key: str | None) -> None:
+    """Stop delivering a pending or delivered command; needs an operate key."""
+    with _client(server, api_key) as client:
+        found = client.cancel_command(command_id)
+    out.print(f"command {found['id']} of run {found['run_id']} is {found['state']}")
+
+
+def format_args(args: dict[str, Any]) -> str:
+    """``factor=0.5 steps=100``; ``-`` for none."""
+    return " ".join(f"{k}={v}" for k, v in args.items()) or "-"
+
+
+def format_outcomes(acks: list[dict[str, Any]]) -> str:
+    """What each rank reported, or counts per status (and the ranks that did not apply it)."""
+    if not acks:
+        return "no rank has reported"
+    if len(acks) > MAX_ACKS_LISTED:
+        counts: dict[str, int] = {}
+        for a in acks:
+            counts[a["status"]] = counts.get(a["status"], 0) + 1
+        others = [str(a["rank"]) for a in acks if a["status"] != "applied"]
+        summary = ", ".join(f"{n} ranks {status}" for status, n in sorted(counts.items()))
+        if others:
+            shown = ", ".join(others[:MAX_ACKS_LISTED]) + (
+                ", ..." if len(others) > MAX_ACKS_LISTED else ""
+            )
+            summary += f" (not applied: ranks {shown})"
+        return summary
+    parts = []
+    for a in acks:
+        part = f"rank {a['rank']}: {a['status']}"
+        if a["step"] is not None:
+            part += f" at step {a['step']}"
+        if a["detail"]:
+            part += f" ({a['detail']})"
+        parts.append(part)
+    return "; ".join(parts)
 
 
 def bucket_table(buckets: list[dict[str, Any]], *, title: str | None = None) -> Table:

@@ -176,6 +176,66 @@ class Client:
             }
         return found
 
+    # -- commands -----------------------------------------------------------
+    def issue_command(
+        self,
+        run_id: int,
+        type: str,
+        *,
+        at_step: int | None = None,
+        expires_in: float | None = None,
+        **args: Any,
+    ) -> dict[str, Any]:
+        """Issue ``type`` with ``args`` to every rank of the run (needs the operate scope).
+
+        >>> rw.issue_command(run, "lr_scale", factor=0.5, steps=200)  # doctest: +SKIP
+        """
+        body: dict[str, Any] = {"type": type, "args": args}
+        body |= _present({"at_step": at_step, "expires_in": expires_in})
+        return self._call("POST", f"/api/v1/runs/{run_id}/commands", json=body)
+
+    def commands(
+        self,
+        run_id: int,
+        *,
+        state: str | None = None,
+        after: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Commands of the run with every rank's ack, oldest first (the audit log)."""
+        params = _present({"state": state, "after": after, "limit": limit})
+        return self._call("GET", f"/api/v1/runs/{run_id}/commands", params=params)
+
+    def cancel_command(self, command_id: int) -> dict[str, Any]:
+        """Stop delivering a pending or delivered command (needs the operate scope)."""
+        return self._call("POST", f"/api/v1/commands/{command_id}/cancel")
+
+    def pending_commands(
+        self, run_id: int, *, rank: int = 0, wait: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """What ``rank`` has not acknowledged; waits up to ``wait`` s for a new command."""
+        found = self._call(
+            "GET",
+            f"/api/v1/runs/{run_id}/commands/pending",
+            params={"rank": rank, "wait": wait},
+            timeout=self._http.timeout.read + wait if self._http.timeout.read else None,
+        )
+        return found["commands"]
+
+    def ack_command(
+        self,
+        command_id: int,
+        *,
+        run: int,
+        rank: int = 0,
+        status: str = "applied",
+        detail: str = "",
+        step: int | None = None,
+    ) -> dict[str, Any]:
+        """Report what ``rank`` did with the command; ``{"id", "state"}``."""
+        body = {"run": run, "rank": rank, "status": status, "detail": detail, "step": step}
+        return self._call("POST", f"/api/v1/commands/{command_id}/ack", json=body)
+
     # -- plumbing -----------------------------------------------------------
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._http.request(method, path, **kwargs)

@@ -61,6 +61,14 @@ class Settings(BaseSettings):
         "stop, which saves it) forgets at most this much of what the detectors learned.",
     )
 
+    command_ttl_seconds: float = Field(
+        600.0,
+        ge=1,
+        le=7 * 86_400,
+        description="How long a command stays deliverable when its issuer gives no "
+        "expires_in; one that rank 0 has not acknowledged by then is expired.",
+    )
+
     @field_validator("db")
     @classmethod
     def _db_is_a_url(cls, value: str) -> str:

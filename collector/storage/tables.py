@@ -11,6 +11,10 @@ by both databases. :mod:`runwatch.collector.storage.points` converts both ways.
 so its non-finite numbers are the strings ``"NaN"``, ``"Infinity"`` and
 ``"-Infinity"``, as on the wire. ``detector_state`` keeps one pickled
 detection engine per run (see :mod:`runwatch.collector.pipeline`).
+
+``commands`` is the control channel and its audit log at once: who issued each
+command (``source``), when, when it was first delivered, how it ended, and in
+``command_acks`` what every rank reported (see :mod:`runwatch.collector.control`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     Column,
     Double,
     ForeignKey,
@@ -155,4 +160,42 @@ detector_state = Table(
     Column("state", LargeBinary, nullable=False),
     Column("step", BigInteger),
     Column("updated_at", Double, nullable=False),
+)
+
+commands = Table(
+    "commands",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("args", JSON, nullable=False),
+    Column("at_step", BigInteger),
+    # "api:<key prefix>", "api:open" (keyless loopback server) or "policy:<name>".
+    Column("source", Text, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("delivered_at", Double),
+    Column("finished_at", Double),
+    Column("expires_at", Double, nullable=False),
+    # Who cancelled it, in the form of ``source``; kept when rank 0 reports it applied anyway.
+    Column("cancelled_by", Text),
+    CheckConstraint(
+        "state IN ('pending', 'delivered', 'applied', 'failed', 'expired', 'cancelled')",
+        name="state",
+    ),
+    # (run_id, id): delivery and the audit listing both walk one run's commands in id order.
+    Index("ix_commands_run_id_id", "run_id", "id"),
+)
+
+command_acks = Table(
+    "command_acks",
+    metadata,
+    Column("command_id", Integer, ForeignKey("commands.id", ondelete="CASCADE"), nullable=False),
+    Column("rank", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("step", BigInteger),
+    Column("acked_at", Double, nullable=False),
+    PrimaryKeyConstraint("command_id", "rank"),
+    CheckConstraint("status IN ('applied', 'failed', 'expired')", name="status"),
 )

@@ -37,6 +37,7 @@ from tests.conftest import Collector, start_collector
 
 INGEST = "/api/v1/ingest"
 MISSING_RUN = 999_999
+MISSING_COMMAND = 888_888
 SCOPES = ("ingest", "read", "operate", "admin")
 PROJECTS = ("alpha", "beta")
 
@@ -46,10 +47,11 @@ _seqs = itertools.count(1000)
 # -- a server with two projects, each with a key of every scope --------------------
 @dataclass
 class World:
-    """The collector, one run per project, and a secret per (project, scope)."""
+    """The collector, one run (with a command) per project, and a secret per (project, scope)."""
 
     collector: Collector
     runs: dict[str, int]
+    commands: dict[str, int]
     keys: dict[tuple[str, str], str] = field(default_factory=dict)
     key_ids: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -68,6 +70,7 @@ class World:
                 "run": ok(http.get(f"/api/v1/runs/{run}")),
                 "series": ok(http.get(f"/api/v1/runs/{run}/series")),
                 "points": ok(http.get(f"/api/v1/runs/{run}/metrics", params={"key": "loss"})),
+                "commands": ok(http.get(f"/api/v1/runs/{run}/commands")),
             }
 
 
@@ -82,8 +85,8 @@ def revoke(collector: Collector, key_id: int) -> None:
         revoke_key(conn, key_id)
 
 
-def ok(reply: httpx.Response) -> Any:
-    assert reply.status_code == 200, (reply.request.url, reply.text)
+def ok(reply: httpx.Response, status: int = 200) -> Any:
+    assert reply.status_code == status, (reply.request.url, reply.text)
     return reply.json()
 
 
@@ -105,14 +108,15 @@ def collector(db_url: str) -> Iterator[Collector]:
 @pytest.fixture
 def world(collector: Collector) -> World:
     """Runs in alpha and beta seeded while the server is open, then keys for both."""
-    runs = {}
+    runs, commands = {}, {}
     with collector.client() as client:
         for project in PROJECTS:
             run = client.create_run(project, f"{project}-run", tags=["shared-tag"])["id"]
             client.ingest(run, [(s, 1000.0 + s, "loss", 1.0 / (s + 1)) for s in range(5)], seq=0)
             client.ingest(run, [(0, 1000.0, "grad_norm", math.nan)], seq=0, rank=1)
             runs[project] = run
-    found = World(collector, runs)
+            commands[project] = client.issue_command(run, "checkpoint", reason="seed")["id"]
+    found = World(collector, runs, commands)
     for project in PROJECTS:
         for scope in SCOPES:
             found.keys[project, scope], found.key_ids[project, scope] = add_key(
@@ -124,15 +128,20 @@ def world(collector: Collector) -> World:
 # -- the endpoints, as requests a key of some project makes against some run --------
 @dataclass(frozen=True)
 class Call:
-    """One API request and the scope it needs; ``batch_for`` makes it an ingest into that run."""
+    """One API request and the scope it needs; ``batch_for`` makes it an ingest into that run.
+
+    ``missing``: the 404 detail when its run (or command) is absent or another project's.
+    """
 
     name: str
     scope: str
     method: str
     path: str
+    missing: str
     params: dict[str, Any] = field(default_factory=dict)
     json: Any = None
     batch_for: int | None = None
+    status: int = 200
 
     def send(self, http: httpx.Client) -> httpx.Response:
         if self.batch_for is not None:
@@ -141,18 +150,50 @@ class Call:
         return http.request(self.method, self.path, params=self.params, json=self.json)
 
 
-def calls_on(run: int, project: str) -> list[Call]:
-    """Every API endpoint, aimed at ``run`` in ``project``."""
+def calls_on(run: int, project: str, command: int = MISSING_COMMAND) -> list[Call]:
+    """Every API endpoint, aimed at ``run`` in ``project`` (and ``command``, one of its own)."""
+    no_run, no_command = f"unknown run {run}", f"unknown command {command}"
+    ack = {"run": run, "rank": 0, "status": "applied", "detail": "", "step": 7}
     return [
-        Call("ingest", "ingest", "POST", INGEST, batch_for=run),
-        Call("list", "read", "GET", "/api/v1/runs", params={"project": project}),
-        Call("get", "read", "GET", f"/api/v1/runs/{run}"),
-        Call("series", "read", "GET", f"/api/v1/runs/{run}/series"),
-        Call("latest", "read", "GET", f"/api/v1/runs/{run}/latest"),
-        Call("metrics", "read", "GET", f"/api/v1/runs/{run}/metrics", params={"key": "loss"}),
-        Call("anomalies", "read", "GET", f"/api/v1/runs/{run}/anomalies"),
-        Call("create", "ingest", "POST", "/api/v1/runs", json={"project": project, "name": "new"}),
-        Call("finish", "ingest", "POST", f"/api/v1/runs/{run}/finish", json={"state": "failed"}),
+        Call("ingest", "ingest", "POST", INGEST, no_run, batch_for=run),
+        Call("list", "read", "GET", "/api/v1/runs", no_run, params={"project": project}),
+        Call("get", "read", "GET", f"/api/v1/runs/{run}", no_run),
+        Call("series", "read", "GET", f"/api/v1/runs/{run}/series", no_run),
+        Call("latest", "read", "GET", f"/api/v1/runs/{run}/latest", no_run),
+        Call("metrics", "read", "GET", f"/api/v1/runs/{run}/metrics", no_run, {"key": "loss"}),
+        Call("anomalies", "read", "GET", f"/api/v1/runs/{run}/anomalies", no_run),
+        Call("commands", "read", "GET", f"/api/v1/runs/{run}/commands", no_run),
+        Call(
+            "pending", "ingest", "GET", f"/api/v1/runs/{run}/commands/pending", no_run, {"rank": 1}
+        ),
+        Call(
+            "issue",
+            "operate",
+            "POST",
+            f"/api/v1/runs/{run}/commands",
+            no_run,
+            json={"type": "skip_step", "args": {}},
+            status=201,
+        ),
+        # Cancel before the ack: rank 0's ack ends the command, which then cannot be cancelled.
+        Call("cancel", "operate", "POST", f"/api/v1/commands/{command}/cancel", no_command),
+        Call("ack", "ingest", "POST", f"/api/v1/commands/{command}/ack", no_command, json=ack),
+        Call(
+            "create",
+            "ingest",
+            "POST",
+            "/api/v1/runs",
+            no_run,
+            json={"project": project, "name": "new"},
+        ),
+        Call(
+            "finish",
+            "ingest",
+            "POST",
+            f"/api/v1/runs/{run}/finish",
+            no_run,
+            json={"state": "failed"},
+        ),
     ]
 
 
@@ -161,8 +202,9 @@ def test_open_loopback_server_without_keys_needs_no_header(collector: Collector)
     assert collector.thread.settings.is_loopback
     http = collector.http
     run = ok(http.post("/api/v1/runs", json={"project": "alpha", "name": "r"}))["id"]
-    for call in calls_on(run, "alpha"):
-        ok(call.send(http))
+    command = ok(http.post(f"/api/v1/runs/{run}/commands", json={"type": "stop"}), 201)["id"]
+    for call in calls_on(run, "alpha", command):
+        ok(call.send(http), call.status)
     assert sorted(r["id"] for r in ok(http.get("/api/v1/runs"))) == [run, run + 1]
 
 
@@ -171,7 +213,7 @@ def test_once_a_key_exists_every_api_request_without_one_is_401(world: World) ->
     before = {p: world.view(p) for p in PROJECTS}
     with world.http() as anonymous:
         for project, run in world.runs.items():
-            for call in calls_on(run, project):
+            for call in calls_on(run, project, world.commands[project]):
                 reply = call.send(anonymous)
                 refused(reply, 401, "unauthorized", "this server requires an API key")
                 assert reply.headers["www-authenticate"] == "Bearer"
@@ -210,7 +252,7 @@ def test_malformed_or_unknown_key_is_401_everywhere(
     before = {p: world.view(p) for p in PROJECTS}
     with httpx.Client(base_url=world.collector.url, headers={"Authorization": header}) as http:
         for project, run in world.runs.items():
-            for call in calls_on(run, project):
+            for call in calls_on(run, project, world.commands[project]):
                 reply = call.send(http)
                 refused(reply, 401, "unauthorized", fragment)
                 assert reply.headers["www-authenticate"] == "Bearer"
@@ -240,9 +282,9 @@ def test_a_key_cannot_see_or_touch_another_project(world: World, own: str, other
     theirs = world.runs[other]
     before = world.view(other)
     nowhere = {c.name: c for c in calls_on(MISSING_RUN, other)}
-    for scope in ("read", "ingest", "admin"):
+    for scope in ("read", "ingest", "operate", "admin"):
         with world.http(own, scope) as http:
-            for call in calls_on(theirs, other):
+            for call in calls_on(theirs, other, world.commands[other]):
                 if scope != "admin" and call.scope != scope:
                     continue
                 reply = call.send(http)
@@ -251,12 +293,12 @@ def test_a_key_cannot_see_or_touch_another_project(world: World, own: str, other
                     refused(reply, 403, "forbidden", f"belongs to project {own!r}, not {other!r}")
                     continue
                 # Another project's run answers exactly like a run that does not exist.
-                refused(reply, 404, "not_found", f"unknown run {theirs}")
+                refused(reply, 404, "not_found", call.missing)
                 assert nowhere[call.name].send(http).json() == {
                     "error": "not_found",
-                    "detail": f"unknown run {MISSING_RUN}",
+                    "detail": nowhere[call.name].missing,
                 }
-            if scope == "ingest":
+            if scope in ("ingest", "operate"):
                 continue
             # The other project's runs are in no listing this key can get.
             for params in ({"limit": 1000}, {"tag": "shared-tag"}, {"state": "running"}):
@@ -275,18 +317,18 @@ def test_a_key_cannot_see_or_touch_another_project(world: World, own: str, other
         # ingest: runs and points, no queries
         pytest.param("ingest", {"ingest"}, id="ingest"),
         # admin: everything in its project
-        pytest.param("admin", {"read", "ingest"}, id="admin"),
-        # operate: commands (none of these endpoints)
-        pytest.param("operate", set(), id="operate"),
+        pytest.param("admin", {"read", "ingest", "operate"}, id="admin"),
+        # operate: issue and cancel commands, nothing else
+        pytest.param("operate", {"operate"}, id="operate"),
     ],
 )
 def test_scopes_decide_what_a_key_may_do(world: World, scope: str, allowed: set[str]) -> None:
     run = world.runs["alpha"]
     with world.http("alpha", scope) as http:
-        for call in calls_on(run, "alpha"):
+        for call in calls_on(run, "alpha", world.commands["alpha"]):
             reply = call.send(http)
             if call.scope in allowed:
-                ok(reply)
+                ok(reply, call.status)
             else:
                 refused(
                     reply,

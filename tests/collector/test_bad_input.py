@@ -331,7 +331,7 @@ def test_bad_batch_is_refused_clearly_and_changes_nothing(server: Collector, cas
     # The refused batch did not take seq 100: the good one with that seq is stored.
     good = server.post(INGEST, mp(batch())(run), wire.MSGPACK)
     assert good.status_code == 200, good.text
-    assert good.json() == {"accepted": 1, "duplicate": False}
+    assert good.json() == {"accepted": 1, "duplicate": False, "commands": []}
 
 
 @pytest.mark.parametrize("content_type", [wire.MSGPACK, wire.JSON])
@@ -351,7 +351,7 @@ def test_batch_bad_only_in_its_last_point_stores_nothing_and_keeps_its_seq(
 
     fixed = collector.post(INGEST, encode(batch(seq=7, points=good))(run), content_type)
     assert fixed.status_code == 200, fixed.text
-    assert fixed.json() == {"accepted": 11, "duplicate": False}
+    assert fixed.json() == {"accepted": 11, "duplicate": False, "commands": []}
     after = {(s["key"], s["rank"]): s for s in snapshot(collector.http, run)["series"]}
     assert after["loss", 0]["n_points"] == 4 + 10
     assert after["new/key", 0]["n_points"] == 1
@@ -360,7 +360,7 @@ def test_batch_bad_only_in_its_last_point_stores_nothing_and_keeps_its_seq(
     ).json()
     assert [p[0] for p in got["points"]] == list(range(10, 20))
     again = collector.post(INGEST, encode(batch(seq=7, points=good))(run), content_type)
-    assert again.json() == {"accepted": 0, "duplicate": True}
+    assert again.json() == {"accepted": 0, "duplicate": True, "commands": []}
 
 
 # -- limits --------------------------------------------------------------------------
@@ -429,7 +429,7 @@ def test_body_exactly_at_the_limit_is_accepted(limited: Collector, streamed: boo
     body = body_of_size(run, SMALL_BODY)
     reply = post_streamed(limited, body) if streamed else limited.post(INGEST, body, wire.MSGPACK)
     assert reply.status_code == 200, reply.text
-    assert reply.json() == {"accepted": SMALL_BATCH, "duplicate": False}
+    assert reply.json() == {"accepted": SMALL_BATCH, "duplicate": False, "commands": []}
 
 
 def test_too_many_points_is_413_and_stores_nothing(limited: Collector) -> None:
@@ -445,7 +445,7 @@ def test_too_many_points_is_413_and_stores_nothing(limited: Collector) -> None:
     assert_refused(reply, 413, "payload_too_large", f"batch has {SMALL_BATCH + 1} points")
     assert snapshot(limited.http, run) == before
     reply = limited.post(INGEST, mp(batch(points=points[:SMALL_BATCH]))(run), wire.MSGPACK)
-    assert reply.json() == {"accepted": SMALL_BATCH, "duplicate": False}
+    assert reply.json() == {"accepted": SMALL_BATCH, "duplicate": False, "commands": []}
 
 
 # -- the rejection counter -----------------------------------------------------------
@@ -715,7 +715,7 @@ def test_downsampling_works_over_the_extremes_the_wire_accepts(
     else:
         points = [[i, x, "edge", float(i)] for i, x in enumerate(xs)]
     reply = server.post(INGEST, mp(batch(points=points))(run), wire.MSGPACK)
-    assert reply.json() == {"accepted": len(xs), "duplicate": False}
+    assert reply.json() == {"accepted": len(xs), "duplicate": False, "commands": []}
     reply = server.http.get(
         f"/api/v1/runs/{run}/metrics", params={"key": "edge", "x": axis, "max_points": max_points}
     )

@@ -30,7 +30,7 @@ def test_points_round_trip_exactly_with_nan_and_infinities(
     body = wire.encode_batch(run["id"], 0, 1, points, content_type=content_type)
     reply = collector.post("/api/v1/ingest", body, content_type)
     assert reply.status_code == 200, reply.text
-    assert reply.json() == {"accepted": len(values), "duplicate": False}
+    assert reply.json() == {"accepted": len(values), "duplicate": False, "commands": []}
 
     got = client.metrics(run["id"], "loss")
     assert not got["downsampled"]
@@ -88,8 +88,8 @@ def test_replayed_batch_is_acknowledged_and_not_stored_twice(
     points = [(i, float(i), "loss", 1.0 / (i + 1)) for i in range(100)]
     first = client.ingest(run["id"], points, seq=5)
     again = client.ingest(run["id"], points, seq=5)
-    assert first == {"accepted": 100, "duplicate": False}
-    assert again == {"accepted": 0, "duplicate": True}
+    assert first == {"accepted": 100, "duplicate": False, "commands": []}
+    assert again == {"accepted": 0, "duplicate": True, "commands": []}
     assert client.metrics(run["id"], "loss")["total"] == 100
     assert client.series(run["id"])[0]["n_points"] == 100
     # The same seq from another rank is another batch.
