@@ -85,6 +85,7 @@ class DisabledRun:
 
     id = None
     step = 0
+    should_stop = False
 
     def __init__(self, options: Options) -> None:
         self.options = options

@@ -36,6 +36,8 @@ from runwatch.agent.activations import (
     first_output,
 )
 from runwatch.agent.buffer import CRITICAL, DETAIL, SYSTEM
+from runwatch.agent.control import Control
+from runwatch.agent.interventions import Interventions
 from runwatch.agent.safety import FAULTS, Faults, swallow_internal
 
 if TYPE_CHECKING:
@@ -51,7 +53,10 @@ PART_GRAD_NORM = "hooks.grad_norm"
 PART_LR = "hooks.lr"
 PART_LAYERS = "hooks.layers"
 PART_ACTIVATIONS = "hooks.activations"
-PARTS = (PART_STEP, PART_GRAD_NORM, PART_LR, PART_LAYERS, PART_ACTIVATIONS)
+PART_CONTROL = "hooks.control"
+"""Commands and the non-finite guard (:mod:`runwatch.agent.interventions`)."""
+PARTS = (PART_STEP, PART_GRAD_NORM, PART_LR, PART_LAYERS, PART_ACTIVATIONS, PART_CONTROL)
+CONTROL_OFF = "interventions switched off on this rank after an internal error"
 
 MAX_GRAD_PATTERNS = 16
 """Index tensors cached for sets of parameters without gradient (see ``grad_slot_index``)."""
@@ -187,6 +192,14 @@ class Watcher:
       forward of each watched module in the step. Memory: up to three transient float32
       copies of that output while it is reduced.
 
+    Interventions (:mod:`runwatch.agent.interventions`): commands that ``control`` receives are
+    applied at the pre-step hook of their ``at_step`` (``lr_scale``, ``clip``, ``skip_step``,
+    ``stop``), and with ``skip_nonfinite`` a step whose global gradient norm is not finite is
+    skipped (exactly on the CPU; on an accelerator see that module for the trade-off). Both
+    need the global gradient norm, so ranks other than the primary one compute it too (without
+    sending it) while ``skip_nonfinite`` is on or a clip is in force. An idle step pays one
+    attribute check per hook for them.
+
     Parameters are named by ``model.named_parameters()``; ``activations`` names modules of
     ``model`` (``"auto"``: see :func:`~runwatch.agent.activations.auto_activation_modules`;
     None: none). An unknown name raises ``ValueError``; nothing else here raises into the
@@ -225,6 +238,8 @@ class Watcher:
         activations: str | Sequence[str] | None = "auto",
         primary: bool = True,
         start_step: int = 0,
+        control: Control | None = None,
+        skip_nonfinite: bool = True,
         faults: Faults = FAULTS,
     ) -> None:
         for label, every in (("layer_every", layer_every), ("activation_every", activation_every)):
@@ -239,6 +254,8 @@ class Watcher:
         self.activations = activations
         self.primary = primary
         self.start_step = start_step
+        self.control = control if control is not None else Control()
+        self.skip_nonfinite = skip_nonfinite
         self.faults = faults
 
         self._step = start_step
@@ -265,6 +282,11 @@ class Watcher:
         self._act_handles: dict[int, RemovableHandle] = {}
         self._act_rows: list[torch.Tensor] = []
         self._act_slots: list[int] = []
+        self._iv = Interventions(
+            optimizer, sink, self.control, primary=primary, skip_nonfinite=skip_nonfinite
+        )
+        if PART_CONTROL in self._off:
+            self._switch_off_control()
 
         modules = self._select_activations(activations)  # the one error the caller sees
         if not primary or not activation_every:
@@ -305,6 +327,7 @@ class Watcher:
             self._off.update(PARTS)
             self._detach_activations()
             self._before = self._grad_sq = self._param_sq = None
+            self._iv.close()
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -341,6 +364,10 @@ class Watcher:
         if self._done:
             with swallow_internal(PART_COUNTER, self.faults):
                 self._advance()
+        if self._iv.acting or self.control.busy:
+            with swallow_internal(PART_CONTROL, self.faults):
+                self._iv.before_step(self._step)
+            self._check(PART_CONTROL)
         closure = kwargs.get("closure", args[0] if args else None)
         if not callable(closure):
             self._measure_gradients()
@@ -361,10 +388,21 @@ class Watcher:
 
     def _measure_gradients(self) -> None:
         with torch.no_grad():
+            norm: torch.Tensor | None = None
+            measured = False
             if PART_GRAD_NORM not in self._off:
                 with swallow_internal(PART_GRAD_NORM, self.faults):
-                    self._record_grad_norm()
+                    norm = self._grad_norm()
+                    measured = True
+                    if norm is not None:
+                        self.sink.put_scalars(self._step, {"train/grad_norm": norm}, CRITICAL)
                 self._check(PART_GRAD_NORM)
+            iv = self._iv
+            if iv.acting or iv.skip_nonfinite:
+                with swallow_internal(PART_CONTROL, self.faults):
+                    norm = norm if measured else self._grad_norm()
+                    iv.on_gradients(self._step, norm, self._grad_lists)
+                self._check(PART_CONTROL)
             if PART_LAYERS not in self._off and self._sampled(self.layer_every):
                 with swallow_internal(PART_LAYERS, self.faults):
                     self._layers_before()
@@ -387,6 +425,10 @@ class Watcher:
                 with swallow_internal(PART_ACTIVATIONS, self.faults):
                     self._record_activations()
                 self._check(PART_ACTIVATIONS)
+            if self._iv.acting:  # after train/lr: it records the rate the step used
+                with swallow_internal(PART_CONTROL, self.faults):
+                    self._iv.after_step(self._step)
+                self._check(PART_CONTROL)
         if PART_STEP not in self._off:
             with swallow_internal(PART_STEP, self.faults):
                 self._record_timing()
@@ -426,16 +468,22 @@ class Watcher:
             index = self._index = _ParamIndex(self.model, self.optimizer)
         return index
 
-    def _record_grad_norm(self) -> None:
+    def _grad_norm(self) -> torch.Tensor | None:
+        """Global L2 norm of the gradients, a 0-d float32 tensor; None without gradients."""
         index = self._params()
         norms = []
         for group in index.groups:
             grads = index.grads(group)
             if grads:
                 norms.append(_norms(grads, index.device))
-        if norms:
-            total = torch.linalg.vector_norm(torch.cat(norms) if len(norms) > 1 else norms[0])
-            self.sink.put_scalars(self._step, {"train/grad_norm": total}, CRITICAL)
+        if not norms:
+            return None
+        return torch.linalg.vector_norm(torch.cat(norms) if len(norms) > 1 else norms[0])
+
+    def _grad_lists(self) -> list[list[torch.Tensor]]:
+        """The gradients, one list per device and dtype (what one fused call takes)."""
+        index = self._params()
+        return [grads for grads in map(index.grads, index.groups) if grads]
 
     def _record_lr(self) -> None:
         groups = self.optimizer.param_groups
@@ -562,6 +610,14 @@ class Watcher:
             self._before = self._grad_sq = self._param_sq = None
         elif part == PART_STEP:
             self._forward_t = self._last_step_t = None
+        elif part == PART_CONTROL:
+            self._switch_off_control()
+
+    def _switch_off_control(self) -> None:
+        """Undo what is in force and refuse every command from now on (acked ``failed``)."""
+        with swallow_internal("hooks.control.off", self.faults):
+            self._iv.close()
+        self.control.refuse_all(CONTROL_OFF)
 
 
 def _lr_value(lr: object) -> Any:

@@ -25,6 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from runwatch.agent.buffer import CRITICAL, PointBuffer
+from runwatch.agent.control import Control
 from runwatch.agent.distributed import Placement, agreed_name, local_gpu
 from runwatch.agent.options import Options
 from runwatch.agent.safety import FAULTS, Faults, swallow_internal
@@ -60,12 +61,14 @@ class Run:
         """This run's failed parts; also counted in the process-wide ``FAULTS``."""
         self._buffer = PointBuffer(options.queue_points)
         self._buffer.ready_size = options.batch_points
+        self._control = Control()
         self._sender = Sender(
             options,
             self._buffer,
             name=self.name,
             rank=where.rank,
             owns_run=where.rank == 0,
+            control=self._control,
             faults=self.faults,
         )
         self._watcher: Watcher | None = None
@@ -94,8 +97,30 @@ class Run:
 
     @property
     def stats(self) -> Stats:
-        """Batches and points sent and spooled, and points dropped by reason."""
-        return self._sender.stats
+        """Batches and points sent and spooled, points dropped by reason, steps skipped.
+
+        ``steps_skipped`` (non-finite gradients, see :meth:`watch`) is read from a device
+        counter when the gradients live on an accelerator: reading ``stats`` then syncs once.
+        """
+        stats = self._sender.stats
+        with swallow_internal("stats", self.faults):
+            stats.steps_skipped = self._control.steps_skipped()
+        return stats
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether the collector asked this run to stop (a ``stop`` command was applied).
+
+        Read-only. The command names the step at which every rank applies it, so all ranks see
+        True after the same optimizer step; the Lightning and Hugging Face callbacks end the
+        training loop there. A plain loop checks it itself::
+
+            for batch in loader:
+                train_step(batch)
+                if run.should_stop:
+                    break
+        """
+        return self._control.should_stop
 
     # -- the training thread's API -----------------------------------------------------------
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -141,15 +166,24 @@ class Run:
         activation_every: int = 10,
         activations: str | Sequence[str] | None = "auto",
         start_step: int | None = None,
+        skip_nonfinite: bool = True,
     ) -> None:
         """Hook ``model`` and ``optimizer``: gradient norm, learning rates and step timing every
         step; per-layer gradient/parameter norms and update ratios every ``layer_every`` steps;
         activation statistics of the ``activations`` modules every ``activation_every`` steps.
+        The hooks also apply the collector's commands at step boundaries (``lr_scale``,
+        ``clip``, ``skip_step``, ``stop``; see :mod:`runwatch.agent.interventions`): without
+        ``watch`` commands wait unapplied.
 
         ``activations``: ``"auto"`` (the blocks of the model's largest ModuleList), a list of
         module names, or None. An unknown module name raises ``ValueError`` here, at set-up.
         ``start_step``: the first iteration's step (a resumed run's global step); default: the
         step after the last ``log``.
+        ``skip_nonfinite``: skip an optimizer step whose gradients hold a NaN or an infinity,
+        locally, without a round trip (counted in ``stats.steps_skipped``, recorded as
+        ``control/skipped_step``). Exact for gradients on the CPU and for fused optimizers;
+        other optimizers on an accelerator get zeroed gradients instead, to avoid a host sync
+        per step (see :mod:`runwatch.agent.interventions` for what that means for Adam).
         """
         from runwatch.agent.hooks import Watcher
 
@@ -165,6 +199,8 @@ class Run:
             activations=activations,
             primary=self.primary,
             start_step=self._next_step if start_step is None else start_step,
+            control=self._control,
+            skip_nonfinite=skip_nonfinite,
             faults=self.faults,
         )
         with self._lock:

@@ -112,6 +112,13 @@ class HttpTransport:
     def ingest(self, body: bytes, *, timeout: float | None = None) -> Outcome:
         return self._request("POST", "/api/v1/ingest", body, wire.MSGPACK, timeout)
 
+    def ack(
+        self, command_id: int, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Outcome:
+        """Acknowledge a command: ``body`` is ``{run, rank, status, detail, step}``."""
+        path = f"/api/v1/commands/{command_id}/ack"
+        return self._request("POST", path, orjson.dumps(body), wire.JSON, timeout)
+
     def finish_run(self, run_id: int, state: str, *, timeout: float | None = None) -> Outcome:
         body = orjson.dumps({"state": state})
         return self._request("POST", f"/api/v1/runs/{run_id}/finish", body, wire.JSON, timeout)

@@ -36,6 +36,7 @@ import msgpack
 
 from runwatch import wire
 from runwatch.agent.buffer import PointBuffer, Record
+from runwatch.agent.control import Control
 from runwatch.agent.options import Options, default_spool_dir
 from runwatch.agent.safety import FAULTS, Faults, swallow_internal
 from runwatch.agent.spool import Spool, point_count
@@ -61,6 +62,8 @@ class Stats:
     batches_spooled: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     """Points lost, by reason (queue_overflow, spool_full, invalid_key, payload_too_large, ...)."""
+    steps_skipped: int = 0
+    """Optimizer steps skipped for non-finite gradients (``Run.watch(skip_nonfinite=True)``)."""
 
     def drop(self, reason: str, n: int) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -85,6 +88,7 @@ class Sender:
         name: str,
         rank: int,
         owns_run: bool,
+        control: Control | None = None,
         faults: Faults = FAULTS,
     ) -> None:
         self.options = options
@@ -94,6 +98,8 @@ class Sender:
         self.owns_run = owns_run
         """Whether this rank marks the run finished (rank 0 does; the others only stop)."""
         self.faults = faults
+        self.control = control
+        """Where the commands of ingest replies go, and its acknowledgements come from."""
         self.stats = Stats(dropped=buffer.dropped)
         self.run_id: int | None = None
         self.resumed = False
@@ -168,6 +174,7 @@ class Sender:
 
     def _drained(self) -> bool:
         empty = not self.buffer.pending() and not self._outbox and not self._spool
+        empty = empty and not (self.control is not None and self.control.has_acks())
         return empty and (self.run_id is not None or self._gave_up is not None)
 
     # -- the thread ---------------------------------------------------------------------------
@@ -188,7 +195,8 @@ class Sender:
     def _sleep(self) -> float:
         now = time.monotonic()
         wake = now + self.options.flush_interval
-        if self._outbox or self._spool or self.run_id is None:
+        acks = self.control is not None and self.control.has_acks()
+        if self._outbox or self._spool or self.run_id is None or acks:
             wake = min(wake, max(self._retry_at, now + 0.01))
         return max(0.0, wake - now)
 
@@ -216,6 +224,8 @@ class Sender:
                 time.monotonic() - self._last_send >= self.options.heartbeat_interval
             ):
                 self._heartbeat()
+            if self.control is not None and self.control.has_acks():
+                self._send_acks()
         if self._failing_since is not None and (
             final or time.monotonic() - self._failing_since >= self.options.retry_window
         ):
@@ -360,6 +370,8 @@ class Sender:
             if outcome.retry:
                 self._failed(outcome, time.monotonic())
                 return
+            if outcome.ok:  # before the batch leaves: a flush that returns has seen the commands
+                self._receive(outcome)
             if from_spool:
                 assert self._spool is not None
                 self._spool.pop()
@@ -386,8 +398,37 @@ class Sender:
         outcome = self._transport.ingest(with_run(frame, self.run_id), timeout=timeout)
         if outcome.ok:
             self._succeeded()
+            self._receive(outcome)
         elif outcome.retry:
             self._failed(outcome, time.monotonic())
+
+    # -- control channel ----------------------------------------------------------------------
+    def _receive(self, outcome: Outcome) -> None:
+        """Hand the commands of an ingest reply to the control channel."""
+        if self.control is not None and isinstance(outcome.reply, dict):
+            self.control.receive(outcome.reply.get("commands"))
+
+    def _send_acks(self) -> None:
+        """Post queued acknowledgements, oldest first; a retryable failure backs off as a batch
+        does and keeps the rest queued."""
+        assert self.control is not None and self.run_id is not None
+        while (ack := self.control.next_ack()) is not None:
+            now = time.monotonic()
+            if now < self._retry_at or now >= self._deadline:
+                return
+            outcome = self._transport.ack(
+                ack.command, ack.body(self.run_id, self.rank), timeout=self._time_left()
+            )
+            if outcome.retry:
+                self._failed(outcome, time.monotonic())
+                return
+            self.control.ack_done(ack)
+            if outcome.ok:
+                self._failing_since = None
+                self._backoff = BACKOFF_START
+            else:
+                detail = f"collector refused the acknowledgement of command {ack.command}"
+                self._warn("ack_refused", f"{detail}: {outcome.detail}")
 
     def _succeeded(self) -> None:
         self._failing_since = None

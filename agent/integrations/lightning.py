@@ -40,6 +40,10 @@ loss of optimizer step ``i`` sits at step ``i`` next to that step's gradient nor
 ``trainer.global_step - 1`` at the time of logging. With ``watch=False`` the callback uses
 ``trainer.global_step - 1`` itself. Validation lands on the step of the last optimizer step.
 
+Stopping: when the collector's ``stop`` command has been applied (:attr:`Run.should_stop
+<runwatch.agent.run.Run.should_stop>`), the callback sets ``trainer.should_stop`` at the end of
+that batch; every rank applies the command at the same optimizer step.
+
 Ranks: every rank creates its run in ``setup`` (the process group exists then) and watches; the
 :class:`~runwatch.agent.run.Run` sends training scalars from rank 0 only and timings from
 every rank. Automatic optimization, or manual optimization with one optimizer: with several
@@ -129,9 +133,13 @@ class RunwatchCallback(RunOwner, pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """At Lightning's log cadence: the training metrics of this step."""
+        """At Lightning's log cadence: the training metrics of this step. On every step: stop
+        when the collector asked to (``run.should_stop``; every rank applies the ``stop``
+        command at the same step, so the ranks agree without a collective)."""
         with swallow_internal(PART):
             run = self.run
+            if run is not None and run.should_stop:
+                trainer.should_stop = True
             if run is None or trainer.global_step == self._steps_at_batch_start:
                 return  # no optimizer step in this batch (gradient accumulation)
             if not _should_update_logs(trainer):

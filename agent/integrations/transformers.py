@@ -38,6 +38,10 @@ loss logged after optimizer step ``i`` sits at step ``i``, next to that step's g
 is ``state.global_step - 1``. With ``watch=False`` the callback uses ``state.global_step - 1``
 itself. An evaluation lands on the step of the last optimizer step.
 
+Stopping: once the collector's ``stop`` command has been applied (:attr:`Run.should_stop
+<runwatch.agent.run.Run.should_stop>`), ``on_step_end`` sets ``control.should_training_stop``;
+every rank applies the command at the same optimizer step.
+
 Exceptions: ``TrainerCallback`` has no hook for a training that raises, so a run the callback
 started stays open when ``train()`` fails; at interpreter exit it is finished as ``crashed``
 (the exception was not caught) or ``finished``. To mark a failure yourself, pass your own run:
@@ -143,6 +147,15 @@ class RunwatchCallback(RunOwner, TrainerCallback):
             values = _val_metrics(metrics)
             if values:
                 self.run.log(values, step=self._step(state))
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """End training when the collector asked to (``run.should_stop``); every rank applies
+        the ``stop`` command at the same optimizer step, so the ranks agree."""
+        with swallow_internal(PART):
+            if self.run is not None and self.run.should_stop:
+                control.should_training_stop = True
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
