@@ -155,7 +155,8 @@ def train_loop(
     """Train ``steps`` steps under ``run.watch(model, optimizer, scheduler)``; see the module
     docstring for the order of things within a step."""
     trace = Trace()
-    run.watch(model, optimizer, scheduler)
+    # Detection only: the agent's own skip of non-finite steps would hide the faults under test.
+    run.watch(model, optimizer, scheduler, skip_nonfinite=False)
     val_inputs, val_targets = val_batch
     for step in range(steps):
         trace.starts.append(time.time())
