@@ -88,26 +88,13 @@ import torch
 
 import runwatch
 from benchmarks.collector_process import collector_process, free_port
+from benchmarks.ingest import KEYS
 from runwatch.tinylm import TinyConfig, TinyLM, batches, corpus, loss_of, warmup_cosine
 
 if TYPE_CHECKING:
     from runwatch.agent import Run
 
 PROJECT = "bench-agent"
-KEYS = [
-    "train/loss",
-    "train/lr",
-    "train/grad_norm",
-    "train/tokens_per_s",
-    "train/step_time",
-    "eval/loss",
-    "eval/accuracy",
-    "sys/gpu_util",
-    "sys/gpu_mem_gb",
-    "sys/cpu_util",
-    *(f"layers.{i}.attn.grad_norm" for i in range(5)),
-    *(f"layers.{i}.mlp.act_std" for i in range(5)),
-]
 OFFSETS = [0.01 * j for j in range(len(KEYS))]
 HEADS = 4
 SAMPLE_EVERY = 10

@@ -140,6 +140,30 @@ class _Shift(SeriesDetector):
         self._reported = True
         return self._finding(step, level, self._baseline, wall_time - self._since)
 
+    def _configure(
+        self,
+        kind: str,
+        alpha: float,
+        sustained: int,
+        duration_s: float,
+        warmup: int,
+        severity: Severity,
+    ) -> None:
+        """Check and store the parameters both shifts share, then start learning."""
+        check_positive(alpha=alpha)
+        check_choice("severity", severity, SEVERITY_CHOICES)
+        if not (alpha < 1 and duration_s >= 0):
+            raise ValueError(f"need alpha < 1 and duration_s >= 0, not {alpha!r}, {duration_s!r}")
+        if sustained < 1 or warmup < 1:
+            raise ValueError(f"need sustained >= 1 and warmup >= 1, not {sustained}, {warmup}")
+        self.kind = kind
+        self.alpha = alpha
+        self.sustained = sustained
+        self.duration_s = duration_s
+        self.warmup = warmup
+        self.severity: Severity = severity
+        self._reset()
+
     def _learn(self, level: float, alpha: float) -> None:
         self._baseline += alpha * (level - self._baseline)
 
@@ -194,23 +218,11 @@ class Drop(_Shift):
         warmup: int = 50,
         severity: Severity = "warning",
     ) -> None:
-        check_positive(fraction=fraction, alpha=alpha)
-        check_choice("severity", severity, SEVERITY_CHOICES)
-        if not (fraction < 1 and alpha < 1 and duration_s >= 0):
-            raise ValueError(
-                f"need fraction < 1, alpha < 1, duration_s >= 0, not "
-                f"{fraction!r}, {alpha!r}, {duration_s!r}"
-            )
-        if sustained < 1 or warmup < 1:
-            raise ValueError(f"need sustained >= 1 and warmup >= 1, not {sustained}, {warmup}")
-        self.kind = kind
+        check_positive(fraction=fraction)
+        if not fraction < 1:
+            raise ValueError(f"need fraction < 1, not {fraction!r}")
         self.fraction = fraction
-        self.alpha = alpha
-        self.sustained = sustained
-        self.duration_s = duration_s
-        self.warmup = warmup
-        self.severity: Severity = severity
-        self._reset()
+        self._configure(kind, alpha, sustained, duration_s, warmup, severity)
 
     def _beyond(self, level: float, baseline: float) -> bool:
         return level < self.fraction * baseline
@@ -279,24 +291,11 @@ class Regression(_Shift):
         warmup: int = 50,
         severity: Severity = "warning",
     ) -> None:
-        check_positive(alpha=alpha)
-        check_choice("severity", severity, SEVERITY_CHOICES)
-        if not (factor > 1 and alpha < 1 and min_value >= 0 and duration_s >= 0):
-            raise ValueError(
-                f"need factor > 1, alpha < 1, min_value >= 0, duration_s >= 0, not "
-                f"{factor!r}, {alpha!r}, {min_value!r}, {duration_s!r}"
-            )
-        if sustained < 1 or warmup < 1:
-            raise ValueError(f"need sustained >= 1 and warmup >= 1, not {sustained}, {warmup}")
-        self.kind = kind
+        if not (factor > 1 and min_value >= 0):
+            raise ValueError(f"need factor > 1 and min_value >= 0, not {factor!r}, {min_value!r}")
         self.factor = factor
         self.min_value = min_value
-        self.alpha = alpha
-        self.sustained = sustained
-        self.duration_s = duration_s
-        self.warmup = warmup
-        self.severity: Severity = severity
-        self._reset()
+        self._configure(kind, alpha, sustained, duration_s, warmup, severity)
 
     def _beyond(self, level: float, baseline: float) -> bool:
         return level > self.factor * baseline and level > self.min_value
