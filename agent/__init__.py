@@ -7,19 +7,22 @@ imported when :meth:`Run.watch` is called.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from runwatch.agent.distributed import placement
-from runwatch.agent.options import Options, resolve
+from runwatch.agent.options import RESUME_FROM_ENV, Options, resolve
 from runwatch.agent.run import Run
 from runwatch.agent.worker import Stats
 
 __all__ = ["DisabledRun", "Options", "Run", "init"]
 
 log = logging.getLogger("runwatch.agent")
+
+T = TypeVar("T")
 
 
 def init(
@@ -42,6 +45,8 @@ def init(
     finish_timeout: float | None = None,
     all_ranks: bool | None = None,
     disabled: bool | None = None,
+    checkpoint_dir: str | Path | None = None,
+    keep_checkpoints: int | None = None,
 ) -> Run | DisabledRun:
     """Start watching a run: create or resume ``name`` in ``project`` on the collector.
 
@@ -50,6 +55,11 @@ def init(
     Server and key default to ``RUNWATCH_SERVER`` and ``RUNWATCH_API_KEY``; see
     :class:`~runwatch.agent.options.Options` for every option. A bad option raises
     ``ValueError``; anything else that goes wrong gives a :class:`DisabledRun`.
+
+    Checkpoints go to ``checkpoint_dir`` (``RUNWATCH_CHECKPOINT_DIR``, default
+    ``./runwatch-checkpoints``), in a folder named after the run; the collector keeps the
+    ``keep_checkpoints`` newest good ones (default 3; 0 keeps all) and the agent deletes the
+    files it wrote that the collector drops.
     """
     options = resolve(
         project,
@@ -70,6 +80,8 @@ def init(
         finish_timeout=finish_timeout,
         all_ranks=all_ranks,
         disabled=disabled,
+        checkpoint_dir=checkpoint_dir,
+        keep_checkpoints=keep_checkpoints,
     )
     if options.disabled:
         return DisabledRun(options)
@@ -97,6 +109,22 @@ class DisabledRun:
 
     def watch(self, *args: Any, **kwargs: Any) -> None:
         """Do nothing."""
+
+    def checkpoint(self, reason: str = "manual") -> str | None:
+        """Save nothing: None."""
+        return None
+
+    def data(self, iterable: Iterable[T]) -> Iterator[T]:
+        """The batches, untouched."""
+        return iter(iterable)
+
+    def resume_checkpoint(self) -> str | None:
+        """``$RUNWATCH_RESUME_FROM``, for a script that loads it itself; else None."""
+        return os.environ.get(RESUME_FROM_ENV) or None
+
+    def resume(self) -> int | None:
+        """Load nothing (nothing is watched): None."""
+        return None
 
     def flush(self, timeout: float | None = None) -> bool:
         return True

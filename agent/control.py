@@ -4,10 +4,13 @@ Two threads share a :class:`Control`, each for a moment under its lock and never
 anything else:
 
 - the sender thread hands it the ``commands`` of every ingest reply (:meth:`Control.receive`)
-  and posts the acknowledgements it finds queued (:meth:`Control.next_ack`);
+  and posts the acknowledgements (:meth:`Control.next_ack`) and checkpoint registrations
+  (:meth:`Control.next_registration`) it finds queued;
 - the training thread, at each optimizer step boundary, takes the commands that are due
   (:meth:`Control.due`) and says what became of each (:meth:`Control.settle`). What a command
-  does to the step is :mod:`runwatch.agent.interventions`' business.
+  does to the step is :mod:`runwatch.agent.interventions`' business; a ``rollback`` is taken
+  at a batch boundary of ``run.data(...)`` instead (:mod:`runwatch.agent.data`), because it
+  also moves the data iterator.
 
 Exactly once. The collector repeats a command in every reply until this rank acknowledges it,
 so one id arrives many times. An id is applied at most once per process: its outcome is
@@ -21,10 +24,12 @@ No torch here: the run creates its control channel before anything imports torch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 from runwatch import wire
@@ -38,8 +43,14 @@ MAX_WAITING = 1_000
 MAX_ACKS = 1_000
 """Acknowledgements queued for the sender; beyond it the oldest is dropped (a redelivery of
 its command queues it again)."""
+MAX_REGISTRATIONS = 1_000
+"""Checkpoint registrations queued for the sender; beyond it the oldest is dropped (counted)."""
 
-UNSUPPORTED = "checkpoint/rollback: not supported by this agent version yet"
+AT_DATA = frozenset({"rollback"})
+"""Command types applied at a batch boundary of ``run.data`` rather than at the pre-step hook."""
+AT_STEP = frozenset(wire.COMMAND_TYPES) - AT_DATA
+LR_STEPS = 200
+"""Default ``lr_steps`` of a rollback (the collector fills it in; an older one may not)."""
 FORGOTTEN = "handled earlier by this process; its outcome is no longer remembered"
 TOO_MANY = f"more than {MAX_WAITING} commands are waiting for their step"
 
@@ -70,6 +81,14 @@ class Ack(NamedTuple):
         }
 
 
+class Registration(NamedTuple):
+    """A checkpoint to register: ``body`` as ``POST /runs/{id}/checkpoints`` takes it, and what
+    to do with the reply (in the sender thread; it deletes the files the collector prunes)."""
+
+    body: dict[str, Any]
+    on_reply: Callable[[Any], None] | None = None
+
+
 class Control:
     """Commands waiting for their step, outcomes of applied ones, acknowledgements to send.
 
@@ -83,15 +102,24 @@ class Control:
     (False, Ack(command=3, status='applied', detail='step skipped', step=5))
     """
 
-    def __init__(self, remembered: int = REMEMBERED_COMMANDS) -> None:
+    def __init__(
+        self, remembered: int = REMEMBERED_COMMANDS, *, single_process: bool = False
+    ) -> None:
         if remembered < 1:
             raise ValueError(f"remembered must be >= 1, not {remembered}")
         self.remembered = remembered
+        self.single_process = single_process
+        """No other ranks to keep in step: a command whose ``at_step`` has passed is applied
+        at once rather than expired (the collector gives such a run its next step)."""
         self.busy = False
         """Whether commands wait to be taken: the training thread's one check per step."""
         self.should_stop = False
         """Set by an applied ``stop``; read by the integrations (and the user)."""
+        self.data_boundary = False
+        """Set once a ``run.data`` wrapper is iterated: it takes the rollbacks; without one, the
+        pre-step hook fails them (nothing could move the data iterator)."""
         self.acks_dropped = 0
+        self.registrations_dropped = 0
         self._lock = threading.Lock()
         self._waiting: dict[int, wire.Command] = {}
         self._outcomes: OrderedDict[int, Ack] = OrderedDict()
@@ -99,6 +127,7 @@ class Control:
         """The newest id whose outcome was forgotten."""
         self._acks: deque[Ack] = deque()
         self._queued: set[int] = set()
+        self._registrations: deque[Registration] = deque()
         self._refusing: str | None = None
         self._warned = False
         self._skipped = 0
@@ -153,21 +182,38 @@ class Control:
     def has_acks(self) -> bool:
         return bool(self._acks)
 
+    def next_registration(self) -> Registration | None:
+        """The oldest checkpoint registration to send; queued until :meth:`registration_done`."""
+        with self._lock:
+            return self._registrations[0] if self._registrations else None
+
+    def registration_done(self, registration: Registration) -> None:
+        """``registration`` was delivered, or refused for good: take it off the queue."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._registrations.remove(registration)
+
+    def has_registrations(self) -> bool:
+        return bool(self._registrations)
+
     # -- the training thread --------------------------------------------------------------------
-    def due(self, step: int) -> list[wire.Command]:
-        """Commands to apply at the boundary of iteration ``step``, oldest first.
+    def due(self, step: int, kinds: Collection[str] | None = None) -> list[wire.Command]:
+        """Commands to apply at the boundary of iteration ``step``, oldest first; ``kinds``:
+        only commands of these types (the others stay waiting).
 
         A command whose ``at_step`` has passed is acknowledged ``expired`` instead: applied
-        late, on this rank alone, it would split the ranks.
+        late, on this rank alone, it would split the ranks. A single process has no ranks to
+        split and applies it now.
         """
         ready: list[wire.Command] = []
         with self._lock:
             for command in list(self._waiting.values()):
+                if kinds is not None and command.type not in kinds:
+                    continue
                 at = command.at_step
                 if at is not None and at > step:
                     continue
                 del self._waiting[command.id]
-                if at is None or at == step:
+                if at is None or at == step or self.single_process:
                     ready.append(command)
                 else:
                     detail = f"this rank was at step {step} when it could apply it, past {at}"
@@ -180,6 +226,14 @@ class Control:
         """Remember what became of ``command`` and queue its acknowledgement."""
         with self._lock:
             self._settle(Ack(command, status, detail, step))
+
+    def register(self, registration: Registration) -> None:
+        """Queue a checkpoint registration for the sender; never waits (drops the oldest)."""
+        with self._lock:
+            if len(self._registrations) >= MAX_REGISTRATIONS:
+                self._registrations.popleft()
+                self.registrations_dropped += 1
+            self._registrations.append(registration)
 
     def refuse_all(self, reason: str) -> None:
         """From now on fail every command with ``reason`` (interventions are switched off)."""
@@ -250,11 +304,11 @@ def _refusal(command: wire.Command) -> str | None:
     """Why ``command`` cannot be applied, or None when it can."""
     if command.type not in wire.COMMAND_TYPES:
         return f"unknown command type {command.type!r}"
-    if command.type in ("checkpoint", "rollback"):
-        return UNSUPPORTED
     if command.at_step is not None and command.at_step < 0:
         return "at_step must be a step (an integer >= 0) or null"
     args = command.args
+    if command.type == "rollback":
+        return _rollback_refusal(args)
     if command.type == "lr_scale":
         if not _positive(args.get("factor")):
             return "lr_scale: factor must be a finite number > 0"
@@ -279,6 +333,29 @@ def _refusal(command: wire.Command) -> str | None:
     return None
 
 
+def _rollback_refusal(args: dict[str, Any]) -> str | None:
+    """Why a rollback's (collector-resolved) arguments cannot be applied, or None."""
+    path = args.get("path")
+    if not isinstance(path, str) or not path:
+        return (
+            "rollback: the command names no checkpoint file (args.path); the collector "
+            "resolves 'last_good' or an id to one when the command is issued"
+        )
+    step = args.get("step")
+    if step is not None and (type(step) is not int or step < 0):
+        return "rollback: step must be an integer >= 0"
+    skip = args.get("skip_batches", 0)
+    if type(skip) is not int or skip < 0:
+        return "rollback: skip_batches must be an integer >= 0"
+    factor = args.get("lr_factor", 1.0)
+    if not (_positive(factor) and factor <= 1):
+        return "rollback: lr_factor must be a number in (0, 1]"
+    lr_steps = args.get("lr_steps", LR_STEPS)
+    if type(lr_steps) is not int or lr_steps < 1:
+        return "rollback: lr_steps must be an integer >= 1"
+    return None
+
+
 def _with_defaults(command: wire.Command) -> wire.Command:
     """The command with its optional arguments filled in (numbers as floats)."""
     args = dict(command.args)
@@ -292,6 +369,12 @@ def _with_defaults(command: wire.Command) -> wire.Command:
         else:
             args["mode"] = "fixed"
             args["max_norm"] = float(args["max_norm"])
+    elif command.type == "rollback":
+        args["skip_batches"] = args.get("skip_batches", 0)
+        args["lr_factor"] = float(args.get("lr_factor", 1.0))
+        args["lr_steps"] = args.get("lr_steps", LR_STEPS)
+    elif command.type in ("checkpoint", "stop"):
+        args["reason"] = str(args.get("reason") or "")
     return command._replace(args=args)
 
 

@@ -36,14 +36,16 @@ from runwatch.agent.activations import (
     first_output,
 )
 from runwatch.agent.buffer import CRITICAL, DETAIL, SYSTEM
+from runwatch.agent.checkpoint import CheckpointError
 from runwatch.agent.control import Control
-from runwatch.agent.interventions import Interventions
+from runwatch.agent.interventions import NO_CHECKPOINTER, Interventions
 from runwatch.agent.safety import FAULTS, Faults, swallow_internal
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
     from runwatch.agent.buffer import Sink
+    from runwatch.agent.checkpoint import Checkpointer
 
 PART_COUNTER = "hooks.counter"
 """The step counter: never switched off (its work cannot fail, and everything needs it)."""
@@ -194,16 +196,19 @@ class Watcher:
 
     Interventions (:mod:`runwatch.agent.interventions`): commands that ``control`` receives are
     applied at the pre-step hook of their ``at_step`` (``lr_scale``, ``clip``, ``skip_step``,
-    ``stop``), and with ``skip_nonfinite`` a step whose global gradient norm is not finite is
-    skipped (exactly on the CPU; on an accelerator see that module for the trade-off). Both
-    need the global gradient norm, so ranks other than the primary one compute it too (without
-    sending it) while ``skip_nonfinite`` is on or a clip is in force. An idle step pays one
-    attribute check per hook for them.
+    ``checkpoint``, ``stop``; ``rollback`` at a batch boundary of ``run.data``, which calls
+    :meth:`rollback`), and with ``skip_nonfinite`` a step whose global gradient norm is not
+    finite is skipped (exactly on the CPU; on an accelerator see that module for the
+    trade-off). Both need the global gradient norm, so ranks other than the primary one compute
+    it too (without sending it) while ``skip_nonfinite`` is on or a clip is in force. An idle
+    step pays one attribute check per hook for them.
 
     Parameters are named by ``model.named_parameters()``; ``activations`` names modules of
     ``model`` (``"auto"``: see :func:`~runwatch.agent.activations.auto_activation_modules`;
     None: none). An unknown name raises ``ValueError``; nothing else here raises into the
     caller. ``scheduler`` is kept for interventions that must restore a schedule.
+    ``checkpointer`` saves and loads checkpoints (commands, ``checkpoint_every``, rollback);
+    the time it takes is left out of ``train/step_time``.
 
     Limits: a step that ``GradScaler`` skips (non-finite gradients) never calls the optimizer
     hooks, so it is measured together with the next one; with sharded parameters (FSDP, ZeRO)
@@ -240,6 +245,8 @@ class Watcher:
         start_step: int = 0,
         control: Control | None = None,
         skip_nonfinite: bool = True,
+        checkpointer: Checkpointer | None = None,
+        checkpoint_every: int | None = None,
         faults: Faults = FAULTS,
     ) -> None:
         for label, every in (("layer_every", layer_every), ("activation_every", activation_every)):
@@ -282,8 +289,16 @@ class Watcher:
         self._act_handles: dict[int, RemovableHandle] = {}
         self._act_rows: list[torch.Tensor] = []
         self._act_slots: list[int] = []
+        self.checkpointer = checkpointer
         self._iv = Interventions(
-            optimizer, sink, self.control, primary=primary, skip_nonfinite=skip_nonfinite
+            optimizer,
+            sink,
+            self.control,
+            primary=primary,
+            skip_nonfinite=skip_nonfinite,
+            checkpointer=checkpointer,
+            checkpoint_every=checkpoint_every,
+            start_step=start_step,
         )
         if PART_CONTROL in self._off:
             self._switch_off_control()
@@ -317,6 +332,60 @@ class Watcher:
     def step(self) -> int:
         """Index of the current iteration: where a value logged now belongs."""
         return self._step
+
+    @property
+    def next_step(self) -> int:
+        """The step of the next optimizer update: the updates the model holds so far."""
+        return self._step + 1 if self._done else self._step
+
+    # -- checkpoints (the training thread, between steps) --------------------------------------
+    def checkpoint(self, reason: str) -> str | None:
+        """Save the state now (rank 0: the path); raises ``CheckpointError``."""
+        spent = self._checkpoint_seconds()
+        try:
+            return self._iv.save_checkpoint(self.next_step, reason)
+        finally:
+            self._exclude(self._checkpoint_seconds() - spent)
+
+    def rollback(self, args: Mapping[str, Any], step: int) -> str:
+        """Load ``args["path"]`` and continue from its step; then the rollback's learning rate
+        cut. The detail for the ack; raises ``CheckpointError`` with nothing changed."""
+        if self.checkpointer is None:
+            raise CheckpointError(NO_CHECKPOINTER)
+        target = self.checkpointer.load(args["path"])
+        self.restart_at(target)
+        detail = f"rolled back to step {target}"
+        if args.get("checkpoint") is not None:
+            detail += f" (checkpoint {args['checkpoint']})"
+        factor = args.get("lr_factor", 1.0)
+        if factor < 1:
+            self._iv.scale_lr(factor, args["lr_steps"])
+            detail += f", lr x {factor:g} for {args['lr_steps']} steps"
+        if self.primary:
+            self.sink.put_scalars(step, {"control/rollback": float(target)}, CRITICAL)
+        return detail
+
+    def resume(self, path: str) -> int:
+        """Load ``path`` and continue from its step (raises ``CheckpointError``); the step."""
+        if self.checkpointer is None:
+            raise CheckpointError(NO_CHECKPOINTER)
+        step = self.checkpointer.load(path)
+        self.restart_at(step)
+        if self.primary:
+            self.sink.put_scalars(step, {"control/resumed": float(step)}, CRITICAL)
+        return step
+
+    def restart_at(self, step: int) -> None:
+        """The watched objects now hold ``step`` updates: the next update is ``step``."""
+        self._step = step
+        self._done = False
+        self._forward_t = self._last_step_t = None  # the load's time is not a step's
+        self._samples = self._tokens = 0
+        self._before = self._grad_sq = self._param_sq = None
+        self._detach_activations()
+        self._iv.restarted(step)
+        if self._sampled(self.activation_every):
+            self._attach_activations()
 
     def remove(self) -> None:
         """Remove every hook and drop what a half-done step holds; idempotent."""
@@ -364,10 +433,12 @@ class Watcher:
         if self._done:
             with swallow_internal(PART_COUNTER, self.faults):
                 self._advance()
-        if self._iv.acting or self.control.busy:
+        if self._iv.pre_step or self.control.busy:
+            spent = self._checkpoint_seconds()
             with swallow_internal(PART_CONTROL, self.faults):
                 self._iv.before_step(self._step)
             self._check(PART_CONTROL)
+            self._exclude(self._checkpoint_seconds() - spent)
         closure = kwargs.get("closure", args[0] if args else None)
         if not callable(closure):
             self._measure_gradients()
@@ -457,6 +528,17 @@ class Watcher:
         self._done = False
         if self._sampled(self.activation_every):
             self._attach_activations()
+
+    def _checkpoint_seconds(self) -> float:
+        return self.checkpointer.seconds if self.checkpointer is not None else 0.0
+
+    def _exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (a checkpoint's save) out of the current step's timings."""
+        if seconds > 0:
+            if self._last_step_t is not None:
+                self._last_step_t += seconds
+            if self._forward_t is not None:
+                self._forward_t += seconds
 
     def _sampled(self, every: int) -> bool:
         return every > 0 and self._step % every == 0

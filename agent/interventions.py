@@ -20,7 +20,14 @@ Interventions (DESIGN.md, "Interventions"):
   ``warmup`` steps clip to ``mean + z * std``; the EMA takes the clipped norm. On the device.
 - ``skip_step``: this step's gradients are dropped (``p.grad = None``), so the optimizer moves
   no parameter and touches no state.
-- ``stop``: :attr:`Control.should_stop <runwatch.agent.control.Control.should_stop>`.
+- ``checkpoint(reason)``: the state after ``step`` updates is saved at the pre-step hook of
+  ``step`` (:class:`~runwatch.agent.checkpoint.Checkpointer`; rank 0 writes, every rank acks);
+  ``checkpoint_every=N`` does the same at every N-th step (not at the step a run started,
+  resumed or rolled back at: that state is on disk already).
+- ``stop``: a checkpoint (when a checkpointer is configured; a failed save does not prevent the
+  stop), then :attr:`Control.should_stop <runwatch.agent.control.Control.should_stop>`.
+- ``rollback`` is applied at a batch boundary of ``run.data`` (:mod:`runwatch.agent.data`);
+  one that reaches the pre-step hook (the loop does not iterate ``run.data``) fails.
 
 Non-finite gradients (``skip_nonfinite``, local, no round trip, not acknowledged). A NaN or an
 infinity in one gradient makes the global norm non-finite:
@@ -40,7 +47,8 @@ infinity in one gradient makes the global norm non-finite:
   plain SGD skips exactly. Use a fused optimizer for an exact skip without a sync.
 
 Recorded (primary rank, at the step): ``control/{type}`` for each applied command (the factor
-of ``lr_scale``, the ``max_norm`` of a clip or the ``z`` of an adaptive one, 1 otherwise),
+of ``lr_scale``, the ``max_norm`` of a clip or the ``z`` of an adaptive one, the target step of
+a rollback, 1 otherwise), ``control/checkpoint`` = the step of every checkpoint saved,
 ``control/clip_coef`` (and ``control/clip_threshold``, adaptive) on every clipped step,
 ``control/skipped_step`` = 1 on a skipped step (on an accelerator without a host read: every
 step, 0 or 1).
@@ -48,6 +56,7 @@ step, 0 or 1).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -57,12 +66,21 @@ import torch
 
 from runwatch import wire
 from runwatch.agent.buffer import CRITICAL
+from runwatch.agent.checkpoint import CheckpointError
+from runwatch.agent.control import AT_STEP
 
 if TYPE_CHECKING:
     from runwatch.agent.buffer import Sink
+    from runwatch.agent.checkpoint import Checkpointer
     from runwatch.agent.control import Control
 
 log = logging.getLogger("runwatch.agent")
+
+NEEDS_DATA = (
+    "rollback: the training loop does not iterate run.data(...), so the data cannot be moved; "
+    "wrap the training batches: for batch in run.data(loader): ..."
+)
+NO_CHECKPOINTER = "no checkpointer: watch the model with run.watch(...) to save checkpoints"
 
 EPS = 1e-6
 """Added to the norm in the clip coefficient, as ``torch.nn.utils.clip_grad_norm_`` does."""
@@ -143,7 +161,8 @@ class Interventions:
     """Applies commands and the non-finite guard to the steps of ``optimizer``.
 
     ``acting`` is what the watcher checks in its hooks (with ``control.busy`` and
-    ``skip_nonfinite``): False while nothing is in force, so an idle step pays one check.
+    ``skip_nonfinite``): False while nothing is in force, so an idle step pays one check;
+    ``pre_step`` likewise for the pre-step hook (also True with ``checkpoint_every``).
     """
 
     def __init__(
@@ -154,13 +173,23 @@ class Interventions:
         *,
         primary: bool = True,
         skip_nonfinite: bool = True,
+        checkpointer: Checkpointer | None = None,
+        checkpoint_every: int | None = None,
+        start_step: int = 0,
     ) -> None:
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 (or None), not {checkpoint_every}")
         self.optimizer = optimizer
         self.sink = sink
         self.control = control
         self.primary = primary
         self.skip_nonfinite = skip_nonfinite
+        self.checkpointer = checkpointer
+        self.checkpoint_every = checkpoint_every if checkpointer is not None else None
         self.acting = False
+        self.pre_step = False
+        self._save_at: int | None = None
+        self._saved_at: int | None = None
         self._lr_factor = 1.0
         self._lr_left = 0
         self._lr_saved: list[Any] | None = None
@@ -168,14 +197,21 @@ class Interventions:
         self._skip = False
         self._found_inf_set = False
         self._warned = False
+        self.restarted(start_step)
 
     # -- the three points of a step -----------------------------------------------------------
     def before_step(self, step: int) -> None:
         """Pre-step hook: the commands due at ``step``, then the learning rate."""
         self._cleanup()  # a step that raised never reached its post-step hook
         if self.control.busy:
-            for command in self.control.due(step):
+            kinds = AT_STEP if self.control.data_boundary else None
+            for command in self.control.due(step, kinds):
                 self._apply(command, step)
+        if self._save_at is not None and step >= self._save_at:
+            self._save_at = self._next_save(step)
+            if self._saved_at != step:  # a checkpoint or stop command saved it already
+                with contextlib.suppress(CheckpointError):  # logged by save_checkpoint
+                    self.save_checkpoint(step, "routine")
         if self._lr_left:
             self._scale_lr()
         self._update()
@@ -218,14 +254,49 @@ class Interventions:
         self._clip = None
         self._skip = False
         self.skip_nonfinite = False
+        self._save_at = None
         self._update()
+
+    # -- checkpoints and rollback -------------------------------------------------------------
+    def save_checkpoint(self, step: int, reason: str, command: int | None = None) -> str | None:
+        """Save the state at ``step``; the path (rank 0) or None (other ranks). Raises
+        :class:`~runwatch.agent.checkpoint.CheckpointError` (logged) when it failed."""
+        if self.checkpointer is None:
+            raise CheckpointError(NO_CHECKPOINTER)
+        try:
+            path = self.checkpointer.save(step, reason, command)
+        except CheckpointError as exc:
+            log.warning("runwatch agent: checkpoint at step %d failed: %s", step, exc)
+            raise
+        self._saved_at = step
+        self._record(step, {"control/checkpoint": float(step)})
+        return path
+
+    def scale_lr(self, factor: float, steps: int) -> None:
+        """Every param group's learning rate times ``factor`` for the next ``steps`` steps."""
+        self._cleanup()
+        self._lr_factor, self._lr_left = factor, steps
+        self._update()
+
+    def restarted(self, step: int) -> None:
+        """The state is now that of ``step`` (a start, resume or rollback): plan the routine
+        checkpoints after it."""
+        self._cleanup()
+        self._save_at = self._next_save(step)
+        self._saved_at = None
+        self._update()
+
+    def _next_save(self, step: int) -> int | None:
+        """The first routine checkpoint step after ``step``."""
+        every = self.checkpoint_every
+        return None if every is None else (step // every + 1) * every
 
     # -- commands -----------------------------------------------------------------------------
     def _apply(self, command: wire.Command, step: int) -> None:
         args = command.args
         value = 1.0
         if command.type == "lr_scale":
-            self._lr_factor, self._lr_left = args["factor"], args["steps"]
+            self._lr_factor, self._lr_left = args["factor"], args["steps"]  # from this step on
             value = args["factor"]
             detail = f"lr x {args['factor']:g} for {args['steps']} steps"
         elif command.type == "clip" and args["mode"] == "adaptive":
@@ -242,9 +313,26 @@ class Interventions:
         elif command.type == "skip_step":
             self._skip = True
             detail = "step skipped"
+        elif command.type == "checkpoint":
+            try:
+                detail = _saved(step, self.save_checkpoint(step, args["reason"], command.id))
+            except CheckpointError as exc:
+                self.control.settle(command.id, "failed", f"checkpoint: {exc}", step)
+                return
+            value = float(step)
         elif command.type == "stop":
+            reason = args.get("reason") or "no reason given"
+            detail = f"stop requested: {reason}"
+            if self.checkpointer is not None:
+                try:
+                    path = self.save_checkpoint(step, f"stop: {reason}", command.id)
+                    detail = f"{detail}; {_saved(step, path)}"
+                except CheckpointError as exc:
+                    detail = f"{detail}; checkpoint failed: {exc}"
             self.control.should_stop = True
-            detail = f"stop requested: {args.get('reason') or 'no reason given'}"
+        elif command.type == "rollback":
+            self.control.settle(command.id, "failed", NEEDS_DATA, step)
+            return
         else:  # Control refuses these on arrival; a new type reaching here is a bug
             self.control.settle(command.id, "failed", f"cannot apply {command.type!r}", step)
             return
@@ -339,7 +427,15 @@ class Interventions:
         self.acting = bool(
             self._lr_left or self._clip is not None or self._skip or self._found_inf_set
         )
+        self.pre_step = self.acting or self._save_at is not None
 
     def _record(self, step: int, values: dict[str, Any]) -> None:
         if self.primary:
             self.sink.put_scalars(step, values, CRITICAL)
+
+
+def _saved(step: int, path: str | None) -> str:
+    """An ack's words for a checkpoint: where rank 0 saved it."""
+    if path is None:
+        return f"checkpoint of step {step} written by rank 0"
+    return f"checkpoint of step {step} saved to {path}"

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+DEFAULT_CHECKPOINT_DIR = "runwatch-checkpoints"
+RESUME_FROM_ENV = "RUNWATCH_RESUME_FROM"
+"""The checkpoint a restarted trainer resumes from (set by ``runwatch supervise``)."""
 
 
 def _env_flag(name: str) -> bool:
@@ -62,6 +65,13 @@ class Options:
     """Send training scalars from every rank, not only rank 0."""
     disabled: bool = False
     """``RUNWATCH_DISABLED=1``: a run that records nothing and costs nothing."""
+    checkpoint_dir: Path = Path(DEFAULT_CHECKPOINT_DIR)
+    """Where the default saver writes checkpoints, under a folder named after the run;
+    ``RUNWATCH_CHECKPOINT_DIR``. Made absolute at ``init``: a later ``chdir`` does not move it."""
+    keep_checkpoints: int | None = 3
+    """Retention sent with each registration: the collector keeps this many newest good
+    checkpoints (and never the newest one, nor one a rollback may need) and the agent deletes
+    the files it wrote that the collector drops. 0 or None: keep every checkpoint."""
 
     def __post_init__(self) -> None:
         if not self.project or not isinstance(self.project, str):
@@ -76,6 +86,13 @@ class Options:
         for name in ("batch_points", "queue_points", "spool_bytes"):
             if not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1, not {getattr(self, name)!r}")
+        if self.keep_checkpoints is not None and not (
+            type(self.keep_checkpoints) is int and self.keep_checkpoints >= 0
+        ):
+            raise ValueError(
+                f"keep_checkpoints must be an integer >= 0 (0 = keep all), "
+                f"not {self.keep_checkpoints!r}"
+            )
         if not self.server.startswith(("http://", "https://")):
             raise ValueError(f"server must be an http:// or https:// URL, not {self.server!r}")
 
@@ -90,6 +107,7 @@ def resolve(project: str | None, **given: Any) -> Options:
         "server": os.environ.get("RUNWATCH_SERVER"),
         "api_key": os.environ.get("RUNWATCH_API_KEY"),
         "name": os.environ.get("RUNWATCH_RUN_NAME"),
+        "checkpoint_dir": os.environ.get("RUNWATCH_CHECKPOINT_DIR"),
     }
     for key, value in env.items():
         if value and key not in values:
@@ -102,5 +120,6 @@ def resolve(project: str | None, **given: Any) -> Options:
         values["spool_dir"] = Path(values["spool_dir"])
     else:
         values["spool_dir"] = default_spool_dir()
+    values["checkpoint_dir"] = Path(values.get("checkpoint_dir", DEFAULT_CHECKPOINT_DIR)).absolute()
     values["server"] = values.get("server", DEFAULT_SERVER).rstrip("/")
     return Options(project=project, **values)

@@ -15,19 +15,21 @@ and its points would duplicate the parent's.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from runwatch.agent.buffer import CRITICAL, PointBuffer
 from runwatch.agent.control import Control
+from runwatch.agent.data import Batches
 from runwatch.agent.distributed import Placement, agreed_name, local_gpu
-from runwatch.agent.options import Options
+from runwatch.agent.options import RESUME_FROM_ENV, Options
 from runwatch.agent.safety import FAULTS, Faults, swallow_internal
 from runwatch.agent.worker import Sender, Stats
 
@@ -36,6 +38,10 @@ if TYPE_CHECKING:
 
     from runwatch.agent.hooks import Watcher
     from runwatch.agent.system import SystemSampler
+
+log = logging.getLogger("runwatch.agent")
+
+T = TypeVar("T")
 
 _LIVE_RUNS: weakref.WeakSet[Run] = weakref.WeakSet()
 
@@ -61,13 +67,14 @@ class Run:
         """This run's failed parts; also counted in the process-wide ``FAULTS``."""
         self._buffer = PointBuffer(options.queue_points)
         self._buffer.ready_size = options.batch_points
-        self._control = Control()
+        self._control = Control(single_process=where.world_size == 1)
         self._sender = Sender(
             options,
             self._buffer,
             name=self.name,
             rank=where.rank,
             owns_run=where.rank == 0,
+            world_size=where.world_size,
             control=self._control,
             faults=self.faults,
         )
@@ -167,13 +174,17 @@ class Run:
         activations: str | Sequence[str] | None = "auto",
         start_step: int | None = None,
         skip_nonfinite: bool = True,
+        save: Callable[[str, dict[str, Any]], object] | None = None,
+        load: Callable[[str], dict[str, Any]] | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
         """Hook ``model`` and ``optimizer``: gradient norm, learning rates and step timing every
         step; per-layer gradient/parameter norms and update ratios every ``layer_every`` steps;
         activation statistics of the ``activations`` modules every ``activation_every`` steps.
         The hooks also apply the collector's commands at step boundaries (``lr_scale``,
-        ``clip``, ``skip_step``, ``stop``; see :mod:`runwatch.agent.interventions`): without
-        ``watch`` commands wait unapplied.
+        ``clip``, ``skip_step``, ``checkpoint``, ``stop``; see
+        :mod:`runwatch.agent.interventions`; ``rollback`` needs :meth:`data`): without ``watch``
+        commands wait unapplied.
 
         ``activations``: ``"auto"`` (the blocks of the model's largest ModuleList), a list of
         module names, or None. An unknown module name raises ``ValueError`` here, at set-up.
@@ -184,11 +195,32 @@ class Run:
         ``control/skipped_step``). Exact for gradients on the CPU and for fused optimizers;
         other optimizers on an accelerator get zeroed gradients instead, to avoid a host sync
         per step (see :mod:`runwatch.agent.interventions` for what that means for Adam).
+
+        Checkpoints (:mod:`runwatch.agent.checkpoint`): ``checkpoint_every`` saves one every N
+        steps (at the optimizer's pre-step hook), as do the ``checkpoint`` and ``stop``
+        commands, rank 0 writing ``<checkpoint_dir>/<run name>/step-<step>.pt``; ``save(path,
+        state)`` and ``load(path) -> state`` replace ``torch.save`` / ``torch.load``.
         """
+        from runwatch.agent.checkpoint import Checkpointer, folder_name
         from runwatch.agent.hooks import Watcher
 
         if self._finished or self._pid != os.getpid():
             return
+        if checkpoint_every is not None and (
+            type(checkpoint_every) is not int or checkpoint_every < 1
+        ):
+            raise ValueError(f"checkpoint_every must be an integer >= 1, not {checkpoint_every!r}")
+        checkpointer = Checkpointer(
+            model,
+            optimizer,
+            scheduler,
+            directory=self.options.checkpoint_dir / folder_name(self.name),
+            rank=self.rank,
+            control=self._control if self.rank == 0 else None,
+            keep=self.options.keep_checkpoints,
+            save=save,
+            load=load,
+        )
         watcher = Watcher(
             model,
             optimizer,
@@ -201,12 +233,68 @@ class Run:
             start_step=self._next_step if start_step is None else start_step,
             control=self._control,
             skip_nonfinite=skip_nonfinite,
+            checkpointer=checkpointer,
+            checkpoint_every=checkpoint_every,
             faults=self.faults,
         )
         with self._lock:
             if self._watcher is not None:
                 self._watcher.remove()
             self._watcher = watcher
+
+    def checkpoint(self, reason: str = "manual") -> str | None:
+        """Save a checkpoint of the watched objects now, between two steps, and register it
+        with the collector; the path on rank 0 (other ranks save nothing: None), None when it
+        failed (logged) or nothing is watched."""
+        watcher = self._watcher
+        if watcher is None or self._finished or self._pid != os.getpid():
+            if watcher is None:
+                log.warning("runwatch agent: run.checkpoint() before run.watch(): nothing saved")
+            return None
+        from runwatch.agent.checkpoint import CheckpointError
+
+        with swallow_internal("checkpoint", self.faults):
+            try:
+                return watcher.checkpoint(str(reason))
+            except CheckpointError:
+                return None  # logged where it failed
+        return None
+
+    def data(self, iterable: Iterable[T]) -> Iterator[T]:
+        """Iterate the training batches through this: a ``rollback`` command is applied at a
+        batch boundary (it also drops batches), on every rank at the same step. See
+        :mod:`runwatch.agent.data`. Wrap one training loader at a time, not the evaluation's."""
+        if self._finished or self._pid != os.getpid():
+            return iter(iterable)
+        return Batches(iterable, self._control, lambda: self._watcher, self.faults)
+
+    def resume_checkpoint(self) -> str | None:
+        """The checkpoint this process should resume from: ``$RUNWATCH_RESUME_FROM`` (set by
+        ``runwatch supervise`` when it restarts a trainer), else None."""
+        return os.environ.get(RESUME_FROM_ENV) or None
+
+    def resume(self) -> int | None:
+        """Load :meth:`resume_checkpoint` into the watched objects (call after :meth:`watch`)
+        and continue the step count from it; its step, or None without one. A file that cannot
+        be read or does not fit changes nothing: the error is logged and None returned."""
+        path = self.resume_checkpoint()
+        if path is None:
+            return None
+        watcher = self._watcher
+        if watcher is None or self._finished or self._pid != os.getpid():
+            log.error("runwatch agent: resume needs run.watch(...) first; %s not loaded", path)
+            return None
+        from runwatch.agent.checkpoint import CheckpointError
+
+        with swallow_internal("resume", self.faults):
+            try:
+                step = watcher.resume(path)
+            except CheckpointError as exc:
+                log.error("runwatch agent: cannot resume: %s", exc)
+                return None
+            self._next_step = step
+            return step
+        return None
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything logged so far reached the collector; False on timeout."""

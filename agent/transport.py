@@ -102,10 +102,17 @@ class HttpTransport:
         name: str,
         config: dict[str, Any],
         tags: tuple[str, ...],
+        world_size: int,
         *,
         timeout: float | None = None,
     ) -> Outcome:
-        body = {"project": project, "name": name, "config": config, "tags": list(tags)}
+        body = {
+            "project": project,
+            "name": name,
+            "config": config,
+            "tags": list(tags),
+            "world_size": world_size,
+        }
         encoded = orjson.dumps(body, default=str)
         return self._request("POST", "/api/v1/runs", encoded, wire.JSON, timeout)
 
@@ -117,6 +124,13 @@ class HttpTransport:
     ) -> Outcome:
         """Acknowledge a command: ``body`` is ``{run, rank, status, detail, step}``."""
         path = f"/api/v1/commands/{command_id}/ack"
+        return self._request("POST", path, orjson.dumps(body), wire.JSON, timeout)
+
+    def register_checkpoint(
+        self, run_id: int, body: dict[str, Any], *, timeout: float | None = None
+    ) -> Outcome:
+        """Register a saved checkpoint; the reply names the checkpoints retention drops."""
+        path = f"/api/v1/runs/{run_id}/checkpoints"
         return self._request("POST", path, orjson.dumps(body), wire.JSON, timeout)
 
     def finish_run(self, run_id: int, state: str, *, timeout: float | None = None) -> Outcome:

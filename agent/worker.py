@@ -88,6 +88,7 @@ class Sender:
         name: str,
         rank: int,
         owns_run: bool,
+        world_size: int = 1,
         control: Control | None = None,
         faults: Faults = FAULTS,
     ) -> None:
@@ -96,6 +97,7 @@ class Sender:
         self.name = name
         self.rank = rank
         self.owns_run = owns_run
+        self.world_size = world_size
         """Whether this rank marks the run finished (rank 0 does; the others only stop)."""
         self.faults = faults
         self.control = control
@@ -174,7 +176,10 @@ class Sender:
 
     def _drained(self) -> bool:
         empty = not self.buffer.pending() and not self._outbox and not self._spool
-        empty = empty and not (self.control is not None and self.control.has_acks())
+        control = self.control
+        empty = empty and not (
+            control is not None and (control.has_acks() or control.has_registrations())
+        )
         return empty and (self.run_id is not None or self._gave_up is not None)
 
     # -- the thread ---------------------------------------------------------------------------
@@ -195,7 +200,8 @@ class Sender:
     def _sleep(self) -> float:
         now = time.monotonic()
         wake = now + self.options.flush_interval
-        acks = self.control is not None and self.control.has_acks()
+        control = self.control
+        acks = control is not None and (control.has_acks() or control.has_registrations())
         if self._outbox or self._spool or self.run_id is None or acks:
             wake = min(wake, max(self._retry_at, now + 0.01))
         return max(0.0, wake - now)
@@ -226,6 +232,8 @@ class Sender:
                 self._heartbeat()
             if self.control is not None and self.control.has_acks():
                 self._send_acks()
+            if self.control is not None and self.control.has_registrations():
+                self._send_registrations()
         if self._failing_since is not None and (
             final or time.monotonic() - self._failing_since >= self.options.retry_window
         ):
@@ -235,7 +243,7 @@ class Sender:
     def _create_run(self, now: float) -> None:
         o = self.options
         outcome = self._transport.create_run(
-            o.project, self.name, o.config, o.tags, timeout=self._time_left()
+            o.project, self.name, o.config, o.tags, self.world_size, timeout=self._time_left()
         )
         if outcome.ok and isinstance(outcome.reply, dict) and "id" in outcome.reply:
             self.run_id = int(outcome.reply["id"])
@@ -429,6 +437,31 @@ class Sender:
             else:
                 detail = f"collector refused the acknowledgement of command {ack.command}"
                 self._warn("ack_refused", f"{detail}: {outcome.detail}")
+
+    def _send_registrations(self) -> None:
+        """Register saved checkpoints, oldest first, as :meth:`_send_acks` does; the reply's
+        ``prune`` list goes to the registration's ``on_reply`` (which deletes files)."""
+        assert self.control is not None and self.run_id is not None
+        while (registration := self.control.next_registration()) is not None:
+            now = time.monotonic()
+            if now < self._retry_at or now >= self._deadline:
+                return
+            outcome = self._transport.register_checkpoint(
+                self.run_id, registration.body, timeout=self._time_left()
+            )
+            if outcome.retry:
+                self._failed(outcome, time.monotonic())
+                return
+            self.control.registration_done(registration)
+            if outcome.ok:
+                self._failing_since = None
+                self._backoff = BACKOFF_START
+                if registration.on_reply is not None:
+                    with swallow_internal("checkpoint retention", self.faults):
+                        registration.on_reply(outcome.reply)
+            else:
+                detail = f"collector refused checkpoint {registration.body.get('path')}"
+                self._warn("checkpoint_refused", f"{detail}: {outcome.detail}")
 
     def _succeeded(self) -> None:
         self._failing_since = None

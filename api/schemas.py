@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runwatch.collector.storage.anomalies import AnomalyRecord, evidence_json
+from runwatch.collector.storage.checkpoints import MAX_STEP, CheckpointRecord
 from runwatch.collector.storage.commands import MAX_DETAIL_LENGTH, CommandRecord
 from runwatch.collector.storage.runs import RunRecord
 from runwatch.wire import MAX_ID, MAX_INT64
@@ -18,6 +19,9 @@ from runwatch.wire import MAX_ID, MAX_INT64
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+MAX_WORLD_SIZE = 10**6
 
 
 class CreateRun(Body):
@@ -29,6 +33,14 @@ class CreateRun(Body):
         default_factory=dict, description="Hyper-parameters; merged on resume."
     )
     tags: list[str] = Field(default_factory=list)
+    world_size: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_WORLD_SIZE,
+        description="Processes the trainer runs as (torch.distributed's world size). A "
+        "single-process run takes commands at its next step, without the lead that keeps "
+        "ranks in step.",
+    )
 
 
 class FinishRun(Body):
@@ -46,6 +58,7 @@ class RunOut(Body):
     updated_at: float
     heartbeat_at: float | None
     finished_at: float | None
+    world_size: int | None = Field(description="Processes of the trainer, as its agent said.")
 
 
 class RunCreated(RunOut):
@@ -177,6 +190,7 @@ def run_out(record: RunRecord) -> RunOut:
         updated_at=record.updated_at,
         heartbeat_at=record.heartbeat_at,
         finished_at=record.finished_at,
+        world_size=record.world_size,
     )
 
 
@@ -233,6 +247,12 @@ class RollbackArgs(Body):
     )
     skip_batches: int = Field(
         0, ge=0, le=MAX_SKIP_BATCHES, description="Batches to skip after restoring."
+    )
+    lr_factor: FiniteFloat = Field(
+        1.0, gt=0, le=1, description="Then scale the learning rate by this (1: leave it)."
+    )
+    lr_steps: int = Field(
+        200, ge=1, le=MAX_SCALE_STEPS, description="For this many steps after restoring."
     )
 
     @field_validator("checkpoint", mode="before")
@@ -370,3 +390,68 @@ def command_out(record: CommandRecord) -> CommandOut:
         cancelled_by=record.cancelled_by,
         acks=[AckOut.model_validate(a, from_attributes=True) for a in record.acks],
     )
+
+
+# -- checkpoints ------------------------------------------------------------------------
+MAX_PATH_LENGTH = 4096
+
+
+def _no_nul(value: str) -> str:
+    """PostgreSQL text cannot hold NUL (pydantic already refuses lone surrogates)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+class RegisterCheckpoint(Body):
+    """``POST /api/v1/runs/{id}/checkpoints``: a checkpoint the agent has saved."""
+
+    step: int = Field(ge=0, le=MAX_STEP, description="The step counter saved in it.")
+    path: str = Field(min_length=1, max_length=MAX_PATH_LENGTH, description="Where it lies.")
+    size_bytes: int = Field(ge=0, le=MAX_INT64)
+    wall_time: FiniteFloat = Field(ge=0, description="Unix time the save finished.")
+    reason: str = Field("", max_length=MAX_REASON_LENGTH)
+    command: int | None = Field(
+        None, ge=1, le=MAX_ID, description="The checkpoint or stop command that caused it."
+    )
+    keep: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_ID,
+        description="Retention: keep this many newest good checkpoints (null: keep all).",
+    )
+
+    check_text = field_validator("path", "reason")(_no_nul)
+
+
+class CheckpointOut(Body):
+    id: int = Field(description="Increases with every registration: the newest is the highest.")
+    run_id: int
+    step: int
+    path: str
+    size_bytes: int
+    wall_time: float = Field(description="Unix time the save finished (the trainer's clock).")
+    reason: str
+    command: int | None = Field(description="The command that caused it.")
+    label: Literal["good", "suspect", "unverified"] = Field(
+        description="From the anomalies around its step and the run's progress, when read."
+    )
+    label_detail: str = Field(description="Why it has that label.")
+    created_at: float = Field(description="Unix time the collector registered it.")
+    deleted_at: float | None = Field(description="When retention (or an overwrite) dropped it.")
+
+
+class CheckpointRegistered(Body):
+    checkpoint: CheckpointOut
+    prune: list[CheckpointOut] = Field(
+        description="Checkpoints retention dropped now (marked deleted): the agent removes "
+        "their files if it wrote them. A retried registration answers the same list."
+    )
+
+
+class CheckpointList(Body):
+    checkpoints: list[CheckpointOut] = Field(description="Newest (highest id) first.")
+
+
+def checkpoint_out(record: CheckpointRecord) -> CheckpointOut:
+    return CheckpointOut.model_validate(record, from_attributes=True)

@@ -11,12 +11,14 @@ from fastapi import FastAPI
 
 import runwatch
 from runwatch.api.auth import KeyCache
-from runwatch.api.routes import anomalies, commands, series
+from runwatch.api.routes import anomalies, checkpoints, commands, series
 from runwatch.api.routes import runs as run_queries
 from runwatch.collector import error_handlers
 from runwatch.collector.control import ControlChannel
 from runwatch.collector.limits import BodyLimit
 from runwatch.collector.pipeline import DetectionPipeline
+from runwatch.collector.policy.engine import PolicyEngine
+from runwatch.collector.policy.model import policy_from_setting
 from runwatch.collector.routes import health, ingest
 from runwatch.collector.routes import runs as run_lifecycle
 from runwatch.collector.storage import migrate
@@ -37,6 +39,7 @@ SQLITE_CHECKPOINT_INTERVAL = 1.0
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; the database is migrated to the newest schema when it starts."""
     telemetry = Telemetry()
+    policy = policy_from_setting(settings.policy)  # checked by Settings: loads again here
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,8 +48,13 @@ def create_app(settings: Settings) -> FastAPI:
         store = Store(engine, checkpoint_interval=SQLITE_CHECKPOINT_INTERVAL)
         app.state.store = store
         app.state.writer = writer = BatchWriter(store, observe=telemetry.db_write.observe)
-        app.state.control = control = ControlChannel(store, ttl=settings.command_ttl_seconds)
+        app.state.control = control = ControlChannel(
+            store,
+            ttl=settings.command_ttl_seconds,
+            checkpoint_window=checkpoints.window_of(settings),
+        )
         control.load()
+        policy_engine = None if policy is None else PolicyEngine(policy, control, telemetry)
         app.state.pipeline = pipeline = (
             DetectionPipeline(
                 store,
@@ -56,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
                 ),
                 check_seconds=settings.detector_check_seconds,
                 snapshot_seconds=settings.detector_snapshot_seconds,
+                on_anomalies=None if policy_engine is None else policy_engine.on_anomalies,
             )
             if settings.detection
             else None
@@ -102,6 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
         series.router,
         anomalies.router,
         commands.router,
+        checkpoints.router,
         health.router,
     ):
         app.include_router(router)

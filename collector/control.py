@@ -10,12 +10,19 @@ exactly-once on the trainer's side. States and the audit log are described in
 
 **at_step.** Ranks must apply a command at the same step, or the next collective
 hangs or the replicas diverge. A command issued without ``at_step`` gets
-``next_safe_step(run)``: the run's latest step (the largest ``last_step`` of its
-series) plus the steps the run makes in ~5 s of delivery at its pace,
-``ceil(5 / step_time)`` with rank 0's latest ``train/step_time``, or 1 step when the
-run reports no step time. Every rank then holds the command before that step and
-applies it at its boundary; a rank that receives it after that step acknowledges
-``expired`` instead of applying it late.
+``next_safe_step(run)``: the run's latest step (that of its most recently written
+point, which goes back after a rollback) plus the steps the run makes in ~5 s of
+delivery at its pace, ``ceil(5 / step_time)`` with rank 0's latest
+``train/step_time``, or 1 step when the run reports no step time. Every rank then
+holds the command before that step and applies it at its boundary; a rank that
+receives it after that step acknowledges ``expired`` instead of applying it late.
+
+**Rollback targets** are resolved when the command is issued, in the same
+transaction: ``{"checkpoint": "last_good" | id, ...}`` is stored and delivered as
+the checkpoint's id, path and step (see
+:func:`runwatch.collector.storage.checkpoints.resolve_rollback`), so that every
+rank loads the same file even if the labels change meanwhile; a run without a good
+checkpoint, or an unknown, deleted or foreign id, is a :class:`Conflict`.
 
 **No query per batch.** Ingest must not pay a database round trip for commands.
 The channel keeps in memory the runs that have a deliverable command (loaded from
@@ -48,6 +55,7 @@ from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
 from runwatch.collector.errors import Conflict, InvalidInput, NotFound
+from runwatch.collector.storage.checkpoints import DEFAULT_WINDOW, Window, resolve_rollback
 from runwatch.collector.storage.commands import (
     DELIVERY_LEAD_SECONDS,
     CommandFilter,
@@ -111,11 +119,13 @@ class ControlChannel:
         ttl: float = DEFAULT_TTL_SECONDS,
         lead: float = DELIVERY_LEAD_SECONDS,
         clock: Callable[[], float] = time.time,
+        checkpoint_window: Window = DEFAULT_WINDOW,
     ) -> None:
         self.store = store
         self.ttl = ttl
         self.lead = lead
         self.clock = clock
+        self.checkpoint_window = checkpoint_window
         self._lock = threading.Lock()
         self._live: dict[int, _Live] = {}
         self._versions = itertools.count(1)
@@ -216,7 +226,8 @@ class ControlChannel:
     ) -> CommandRecord:
         """Store a command for every rank of a running run and wake its long polls.
 
-        ``type`` and ``args`` are validated by the caller (``api.schemas``).
+        ``type`` and ``args`` are validated by the caller (``api.schemas``); a rollback's
+        ``args`` are stored resolved (:func:`resolve_rollback`).
         """
         now = self.clock()
         expires_at = now + (self.ttl if expires_in is None else expires_in)
@@ -224,6 +235,8 @@ class ControlChannel:
             run = get_run(conn, run_id)
             if run.state != "running":
                 raise Conflict(f"run {run_id} is {run.state}; commands go to running runs only")
+            if type == "rollback":
+                args = resolve_rollback(conn, run_id, args, self.checkpoint_window)
             if at_step is None:
                 at_step = next_safe_step(conn, run_id, lead=self.lead)
             command_id = insert_command(

@@ -16,6 +16,10 @@ serialises with the ingest writer thread; the pipeline never holds the lock whil
 waiting for anything else, so the two cannot deadlock). Anomalies are stored *before*
 engines are snapshotted: a crash between the two loses learning, never a finding.
 
+Once anomalies are stored, ``on_anomalies`` (the policy engine, when there is one) gets
+them in this thread, all those of a group together: several findings of one fault
+usually arrive in one call. A consumer that raises is logged and counted, nothing more.
+
 Every ``check_seconds`` the run detectors of running runs are asked about time passing
 (``Engine.check(now, heartbeats)``), with each rank's last receive time. Those times
 live only in memory: after a restart, or once a run's engine was evicted from the LRU,
@@ -124,6 +128,7 @@ class DetectionPipeline:
         max_queued_batches: int = MAX_QUEUED_BATCHES,
         max_queued_points: int = MAX_QUEUED_POINTS,
         clock: Callable[[], float] = time.time,
+        on_anomalies: Callable[[list[Found]], None] | None = None,
     ) -> None:
         if check_seconds <= 0 or snapshot_seconds <= 0 or max_engines < 1:
             raise ValueError("need check_seconds > 0, snapshot_seconds > 0 and max_engines >= 1")
@@ -134,6 +139,7 @@ class DetectionPipeline:
         self.engine_factory = engine_factory
         self.max_engines = max_engines
         self.max_queued_points = max_queued_points
+        self.on_anomalies = on_anomalies
         self._clock = clock
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queued_batches)
         self._lock = threading.Lock()
@@ -389,10 +395,15 @@ class DetectionPipeline:
                 ", ".join(str(rows[0].run_id) for rows in unwritten),
             )
         failed = {id(rows) for rows in unwritten}
-        for rows in groups:
-            if id(rows) not in failed:
-                for f in rows:
-                    self.telemetry.anomalies.labels(f.anomaly.kind, f.anomaly.severity).inc()
+        stored = [f for rows in groups if id(rows) not in failed for f in rows]
+        for f in stored:
+            self.telemetry.anomalies.labels(f.anomaly.kind, f.anomaly.severity).inc()
+        if stored and self.on_anomalies is not None:
+            try:
+                self.on_anomalies(stored)
+            except Exception:  # a failing consumer must not stop detection
+                self.telemetry.detection_failures.labels("on_anomalies").inc()
+                log.exception("on_anomalies failed on %d anomalies", len(stored))
 
     def _save(self, items: list[tuple[int, _RunState]]) -> None:
         """Snapshot engines into ``detector_state``, one transaction; mark them clean."""

@@ -67,8 +67,15 @@ class Telemetry:
         self.detection_failures = Counter(
             "runwatch_detection_failures",
             "Failed detection work other than a detector's own errors, by operation "
-            "(store_anomalies, save_state, load_state, check, feed).",
+            "(store_anomalies, save_state, load_state, check, feed, on_anomalies, policy).",
             ["operation"],
+            registry=self.registry,
+        )
+        self.policy_actions = Counter(
+            "runwatch_policy_actions",
+            "Actions of the policy engine, by rule, action (a command type or alert) and outcome "
+            "(issued, refused, error, limited, logged).",
+            ["rule", "action", "outcome"],
             registry=self.registry,
         )
         self.detection_runs = Gauge(

@@ -2,7 +2,7 @@
 
 Server-side verbs (``server``, ``db``, ``keys``) talk to the database directly
 and need ``runwatch[server]``; the query verbs (``runs``, ``metrics``,
-``anomalies``, ``commands``) and ``command`` go through the HTTP API with
+``anomalies``, ``commands``, ``checkpoints``) and ``command`` go through the HTTP API with
 ``--server``/``RUNWATCH_SERVER`` and ``--api-key``/``RUNWATCH_API_KEY``.
 """
 
@@ -405,7 +405,7 @@ COMMAND_FLAGS: dict[str, tuple[str, ...]] = {
     "clip": ("max_norm", "adaptive", "z", "alpha"),
     "skip_step": (),
     "checkpoint": ("reason",),
-    "rollback": ("checkpoint", "skip_batches"),
+    "rollback": ("checkpoint", "skip_batches", "lr_factor", "lr_steps"),
     "stop": ("reason",),
 }
 """The options of ``runwatch command`` that each command type takes."""
@@ -485,6 +485,16 @@ def command_args(type_: str, given: dict[str, Any]) -> dict[str, Any]:
     help="rollback: batches to skip after restoring [0].",
 )
 @click.option(
+    "--lr-factor",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="rollback: then scale the learning rate by F (0 < F <= 1) [1].",
+)
+@click.option(
+    "--lr-steps",
+    type=click.IntRange(1, 10**7),
+    help="rollback: for N steps (with --lr-factor) [200].",
+)
+@click.option(
     "--at-step",
     type=click.IntRange(min=0),
     help="Step at which every rank applies it [the run's latest step + ~5 s of steps].",
@@ -510,6 +520,7 @@ def issue_command(
       skip_step
       checkpoint  [--reason TEXT]
       rollback    [--checkpoint last_good|ID] [--skip-batches N]
+                  [--lr-factor F] [--lr-steps N]
       stop        [--reason TEXT]
     """
     args = command_args(type_, options)
@@ -578,6 +589,179 @@ def commands_cancel(command_id: int, server: str | None, api_key: str | None) ->
     with _client(server, api_key) as client:
         found = client.cancel_command(command_id)
     out.print(f"command {found['id']} of run {found['run_id']} is {found['state']}")
+
+
+# -- supervisor -------------------------------------------------------------------
+@main.command(context_settings={"allow_interspersed_args": False})
+@click.option(
+    "--max-restarts",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Restarts in a row before giving up.",
+)
+@click.option(
+    "--hang-timeout",
+    type=click.FloatRange(0, min_open=True),
+    help="Also restart when no step completes for this many seconds once the attempt made "
+    "its first [off: only the collector's hang finding counts].",
+)
+@click.option(
+    "--poll",
+    type=click.FloatRange(0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds between looks at the collector.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds between SIGTERM and SIGKILL when the trainer is stopped.",
+)
+@click.option(
+    "--backoff",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds before a restart, doubling with each restart in a row (at most 60).",
+)
+@click.option(
+    "--reset-after",
+    type=click.FloatRange(0, min_open=True),
+    default=1800.0,
+    show_default=True,
+    help="An attempt that ran this long before failing resets the restart count.",
+)
+@click.option("--project", envvar="RUNWATCH_PROJECT", help="Project [env RUNWATCH_PROJECT].")
+@click.option(
+    "--name", envvar="RUNWATCH_RUN_NAME", help="Run name [env RUNWATCH_RUN_NAME; generated]."
+)
+@server_option
+@click.option(
+    "--api-key",
+    envvar="RUNWATCH_API_KEY",
+    help="Key with read scope, passed to the trainer too [env RUNWATCH_API_KEY].",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND...")
+def supervise(command: tuple[str, ...], **options: Any) -> None:
+    """Run a training COMMAND (after --), restarting it when it crashes or hangs.
+
+    \b
+    Every attempt is the same run (RUNWATCH_PROJECT, RUNWATCH_RUN_NAME); a restart gets the
+    run's last good checkpoint in RUNWATCH_RESUME_FROM and the restarts so far in
+    RUNWATCH_RESTART_COUNT. Example:
+      runwatch supervise --project llm --name big -- torchrun --nproc-per-node 8 train.py
+    """
+    import logging
+
+    from runwatch.supervise import CannotStart, EchoHandler, Supervisor
+
+    if not command:
+        raise click.UsageError("give the training command after --: runwatch supervise -- CMD")
+    logger = logging.getLogger("runwatch.supervise")
+    if not any(isinstance(h, EchoHandler) for h in logger.handlers):
+        logger.addHandler(EchoHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        status = Supervisor(command, **options).run()
+    except CannotStart as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(status)
+
+
+@main.group("checkpoints")
+def checkpoints_group() -> None:
+    """The checkpoint registry: what a run saved and whether it can be trusted."""
+
+
+@checkpoints_group.command("list")
+@click.argument("run")
+@click.option(
+    "--label", type=click.Choice(["good", "suspect", "unverified"]), help="Only this label."
+)
+@click.option("--include-deleted", is_flag=True, help="Also those retention dropped.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@server_option
+@key_option
+@json_option
+def checkpoints_list(
+    run: str,
+    label: str | None,
+    include_deleted: bool,
+    limit: int,
+    server: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """Checkpoints of RUN (id or PROJECT/NAME), newest first, with their labels."""
+    with _client(server, api_key) as client:
+        run_id = _resolve_run(client, run)["id"]
+        found = client.checkpoints(
+            run_id, label=label, include_deleted=include_deleted, limit=limit
+        )
+    if as_json:
+        _print_json(found)
+        return
+    # One block per checkpoint, as in ``commands list``: paths and reasons overflow a table.
+    for c in found:
+        deleted = f", deleted {_when(c['deleted_at'])}" if c["deleted_at"] else ""
+        reason = f" ({c['reason']})" if c["reason"] else ""
+        lines = [
+            f"{c['id']} step {c['step']}: {c['label']}, {c['label_detail']}",
+            f"    saved {_when(c['wall_time'])}{reason}, {format_size(c['size_bytes'])}{deleted}",
+            f"    {c['path']}",
+        ]
+        out.print("\n".join(lines), markup=False, soft_wrap=True)
+    out.print(f"{len(found)} checkpoint(s) of run {run_id}")
+
+
+def format_size(n: int) -> str:
+    """``512 B``, ``1.5 MB``: decimal units, 3 significant digits."""
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000:
+            return f"{n} B" if unit == "B" else f"{size:.3g} {unit}"
+        size /= 1000
+    return f"{size:.3g} PB"
+
+
+# -- policies -------------------------------------------------------------------
+@main.group("policy")
+def policy_group() -> None:
+    """Policies: what the collector does about anomalies (RUNWATCH_POLICY)."""
+
+
+def _policy_model() -> Any:
+    try:
+        from runwatch.collector.policy import model
+    except ImportError:
+        raise click.ClickException(
+            "this command needs the server extras: pip install 'runwatch[server]'"
+        ) from None
+    return model
+
+
+@policy_group.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+def policy_check(file: str) -> None:
+    """Validate the policy FILE: 'ok: N rules', or every problem with its location."""
+    model = _policy_model()
+    try:
+        policy = model.load_policy(file)
+    except model.PolicyError as exc:
+        for problem in exc.problems:
+            click.echo(f"{file}: {problem}", err=True)
+        raise SystemExit(1) from None
+    click.echo(f"ok: {len(policy.rules)} rules")
+
+
+@policy_group.command("show-default")
+def policy_show_default() -> None:
+    """Print the shipped default policy, with its comments (a start for your own)."""
+    click.echo(_policy_model().default_policy_text(), nl=False)
 
 
 def format_args(args: dict[str, Any]) -> str:

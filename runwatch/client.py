@@ -67,9 +67,12 @@ class Client:
         *,
         config: dict[str, Any] | None = None,
         tags: list[str] | None = None,
+        world_size: int | None = None,
     ) -> dict[str, Any]:
         """Create run ``name`` in ``project`` or resume it; ``resumed`` tells which."""
         body = {"project": project, "name": name, "config": config or {}, "tags": tags or []}
+        if world_size is not None:
+            body["world_size"] = world_size
         return self._call("POST", "/api/v1/runs", json=body)
 
     def finish_run(self, run_id: int, state: str = "finished") -> dict[str, Any]:
@@ -235,6 +238,36 @@ class Client:
         """Report what ``rank`` did with the command; ``{"id", "state"}``."""
         body = {"run": run, "rank": rank, "status": status, "detail": detail, "step": step}
         return self._call("POST", f"/api/v1/commands/{command_id}/ack", json=body)
+
+    # -- checkpoints --------------------------------------------------------
+    def register_checkpoint(self, run_id: int, **body: Any) -> dict[str, Any]:
+        """Register a saved checkpoint (needs the ingest scope); ``{"checkpoint", "prune"}``.
+
+        ``body``: step, path, size_bytes, wall_time, and optionally reason, command, keep.
+        """
+        return self._call("POST", f"/api/v1/runs/{run_id}/checkpoints", json=body)
+
+    def checkpoints(
+        self,
+        run_id: int,
+        *,
+        label: str | None = None,
+        include_deleted: bool = False,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Checkpoints of the run with their labels (good, suspect, unverified), newest first."""
+        params = _present({"label": label, "include_deleted": include_deleted, "limit": limit})
+        found = self._call("GET", f"/api/v1/runs/{run_id}/checkpoints", params=params)
+        return found["checkpoints"]
+
+    def last_good_checkpoint(self, run_id: int) -> dict[str, Any] | None:
+        """The most recently registered good checkpoint; None when the run has none."""
+        try:
+            return self._call("GET", f"/api/v1/runs/{run_id}/checkpoints/last-good")
+        except ClientError as exc:
+            if exc.status == 404 and "has no good checkpoint" in exc.detail:
+                return None
+            raise
 
     # -- plumbing -----------------------------------------------------------
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:

@@ -68,6 +68,38 @@ class Settings(BaseSettings):
         description="How long a command stays deliverable when its issuer gives no "
         "expires_in; one that rank 0 has not acknowledged by then is expired.",
     )
+    checkpoint_suspect_before: int = Field(
+        50,
+        ge=0,
+        le=10**9,
+        description="A checkpoint is suspect when a training-signal anomaly (a loss or gradient "
+        "spike, a non-finite value, divergence...) lies up to this many steps before it ...",
+    )
+    checkpoint_verify_steps: int = Field(
+        100,
+        ge=0,
+        le=10**9,
+        description="... or up to this many steps after it; it is unverified until the run "
+        "has gone this many steps past it (or has ended), good afterwards.",
+    )
+
+    policy: str = Field(
+        "default",
+        description="What the collector does about anomalies: 'default' (the shipped policy, "
+        "see 'runwatch policy show-default'), 'off' (detect only), or the path of a policy "
+        "YAML file, checked at start-up.",
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _usable_policy(cls, value: str) -> str:
+        from runwatch.collector.policy.model import PolicyError, policy_from_setting
+
+        try:
+            policy_from_setting(value)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("db")
     @classmethod

@@ -38,9 +38,12 @@ MAX_LIMIT = 1000
     summary="Issue a command to every rank of a run",
     description="Needs the `operate` scope. `type` is one of `lr_scale` {factor, steps}, "
     "`clip` {max_norm} or {mode: adaptive, z?, alpha?}, `skip_step` {}, `checkpoint` "
-    "{reason}, `rollback` {checkpoint: last_good | id, skip_batches}, `stop` {reason}. "
-    "Without `at_step` the collector picks the run's latest step plus ~5 s of steps at its "
-    "pace, so that every rank holds the command before that step. Only running runs (409).",
+    "{reason}, `rollback` {checkpoint: last_good | id, skip_batches, lr_factor, lr_steps}, "
+    "`stop` {reason}. A rollback is stored resolved, with the checkpoint's id, path and step "
+    "(409 when the run has no good checkpoint, or the id is unknown, deleted or another "
+    "run's). Without `at_step` the collector picks the run's latest step plus ~5 s of steps "
+    "at its pace, so that every rank holds the command before that step. Only running runs "
+    "(409).",
     responses={404: {}, 409: {}, 422: {}},
 )
 async def issue(

@@ -23,7 +23,12 @@ async def create_run(body: CreateRun, principal: IngestAuth, store: StoreDep) ->
     def create() -> RunCreated:
         with store.write() as conn:
             record, resumed = create_or_resume(
-                conn, body.project, body.name, config=body.config, tags=body.tags
+                conn,
+                body.project,
+                body.name,
+                config=body.config,
+                tags=body.tags,
+                world_size=body.world_size,
             )
         store.remember_run_project(record.id, record.project_id)
         return RunCreated(**run_out(record).model_dump(), resumed=resumed)

@@ -35,6 +35,7 @@ class RunRecord:
     updated_at: float
     heartbeat_at: float | None
     finished_at: float | None
+    world_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +72,13 @@ def create_or_resume(
     *,
     config: dict[str, Any] | None = None,
     tags: list[str] | None = None,
+    world_size: int | None = None,
 ) -> tuple[RunRecord, bool]:
     """Create run ``name`` in ``project``, or resume it; returns ``(run, resumed)``.
 
     Resuming sets the state back to ``running``, merges ``config`` into the
-    stored one (new values win) and adds ``tags``. Two ranks creating the same
+    stored one (new values win), adds ``tags`` and takes ``world_size`` when given
+    (a restarted job may run on fewer or more processes). Two ranks creating the same
     run at once both get the same id.
     """
     project_id = get_or_create_project(conn, project)
@@ -90,6 +93,7 @@ def create_or_resume(
             "name": name,
             "state": "running",
             "config": _config_json(config or {}),
+            "world_size": world_size,
             "created_at": now,
             "updated_at": now,
         },
@@ -109,6 +113,7 @@ def create_or_resume(
                 finished_at=None,
                 updated_at=now,
                 config=_config_json(merged),
+                **({} if world_size is None else {"world_size": world_size}),
             )
         )
     for tag in clean_tags:
@@ -197,6 +202,7 @@ def _record(row: Any, tags: tuple[str, ...]) -> RunRecord:
         updated_at=row.updated_at,
         heartbeat_at=row.heartbeat_at,
         finished_at=row.finished_at,
+        world_size=row.world_size,
     )
 
 

@@ -15,6 +15,9 @@ detection engine per run (see :mod:`runwatch.collector.pipeline`).
 ``commands`` is the control channel and its audit log at once: who issued each
 command (``source``), when, when it was first delivered, how it ended, and in
 ``command_acks`` what every rank reported (see :mod:`runwatch.collector.control`).
+
+``checkpoints`` is the registry of the files the agent saved; their labels are not
+stored but computed when read (see :mod:`runwatch.collector.storage.checkpoints`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ runs = Table(
     Column("updated_at", Double, nullable=False),
     Column("heartbeat_at", Double),
     Column("finished_at", Double),
+    # Processes the trainer runs as (torch.distributed's world size), as the agent said.
+    Column("world_size", Integer),
     UniqueConstraint("project_id", "name", name="uq_runs_project_id_name"),
     Index("ix_runs_project_id_state", "project_id", "state"),
 )
@@ -198,4 +203,37 @@ command_acks = Table(
     Column("acked_at", Double, nullable=False),
     PrimaryKeyConstraint("command_id", "rank"),
     CheckConstraint("status IN ('applied', 'failed', 'expired')", name="status"),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("path", Text, nullable=False),
+    # SHA-256 of ``path`` in hex: a path of up to 4096 characters does not fit a PostgreSQL
+    # B-tree entry (~2.7 kB), so the unique key below holds its digest instead.
+    Column("path_key", String(64), nullable=False),
+    Column("size_bytes", BigInteger, nullable=False),
+    # Unix time the save finished, on the trainer's clock (as the points' wall times).
+    Column("wall_time", Double, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("command_id", Integer, ForeignKey("commands.id", ondelete="SET NULL")),
+    Column("created_at", Double, nullable=False),
+    Column("deleted_at", Double),
+    # The registration whose retention pass deleted it: a retried registration answers the
+    # same ``prune`` list, so the agent that lost the first reply still deletes the files.
+    Column("pruned_by", Integer),
+    # A retry repeats (path, step, wall_time); a re-save of the same file after a rollback
+    # (the run repeats steps) has a new wall_time and is a new checkpoint.
+    UniqueConstraint(
+        "run_id",
+        "path_key",
+        "step",
+        "wall_time",
+        name="uq_checkpoints_run_id_path_key_step_wall_time",
+    ),
+    # (run_id, id): listing newest first and the retention pass walk one run in id order.
+    Index("ix_checkpoints_run_id_id", "run_id", "id"),
 )

@@ -14,6 +14,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from transformers import TrainerControl
 
 import runwatch
 from runwatch.agent.buffer import PointBuffer
-from runwatch.agent.control import FORGOTTEN, UNSUPPORTED, Control
+from runwatch.agent.control import FORGOTTEN, Control
 from runwatch.agent.hooks import Watcher
 from runwatch.agent.integrations.lightning import RunwatchCallback as LightningCallback
 from runwatch.agent.integrations.transformers import RunwatchCallback as HfCallback
@@ -55,7 +56,13 @@ class FakeCollector:
         self.acks: list[dict[str, Any]] = []
         self.points: list[tuple[int, int, str, float]] = []
         self.fail_acks = 0
+        self.runs: list[dict[str, Any]] = []
+        """The bodies of ``POST /api/v1/runs``."""
         """Answer this many acknowledgements with 503 first."""
+        self.checkpoints: list[dict[str, Any]] = []
+        """Registered checkpoints, with ``id`` and ``deleted``."""
+        self.fail_registrations = 0
+        """Answer this many checkpoint registrations with 503 first."""
         self._next_id = 100
         fake = self
 
@@ -96,6 +103,7 @@ class FakeCollector:
     def answer(self, path: str, body: bytes) -> tuple[int, Any]:
         with self.lock:
             if path == "/api/v1/runs":
+                self.runs.append(json.loads(body))
                 return 200, {"id": RUN_ID, "resumed": False}
             if path.endswith("/finish"):
                 return 200, {}
@@ -105,6 +113,11 @@ class FakeCollector:
                     return 503, {"detail": "scripted"}
                 self.acks.append({"id": int(match[1]), **json.loads(body)})
                 return 200, {}
+            if re.fullmatch(rf"/api/v1/runs/{RUN_ID}/checkpoints", path):
+                if self.fail_registrations:
+                    self.fail_registrations -= 1
+                    return 503, {"detail": "scripted"}
+                return 201, self._register(json.loads(body))
             assert path == "/api/v1/ingest", path
             batch = msgpack.unpackb(body)
             rank = batch["rank"]
@@ -113,6 +126,16 @@ class FakeCollector:
             for c in commands:
                 self.served[c["id"]] = self.served.get(c["id"], 0) + 1
             return 200, {"accepted": len(batch["points"]), "duplicate": False, "commands": commands}
+
+    def _register(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Store a checkpoint; retention as simple as the agent needs: the ``keep`` newest."""
+        record = {"id": len(self.checkpoints) + 1, **body, "deleted": False}
+        self.checkpoints.append(record)
+        live = [c for c in self.checkpoints if not c["deleted"]]
+        prune = live[: -body["keep"]] if body["keep"] else []
+        for c in prune:
+            c["deleted"] = True
+        return {"checkpoint": record, "prune": prune}
 
     def _serves(self, cid: int, rank: int) -> bool:
         if cid in self.replies_left:
@@ -130,8 +153,9 @@ class FakeCollector:
             return {s: v for r, s, k, v in self.points if k == key and r == rank}
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeCollector]:
+@contextmanager
+def serving() -> Iterator[FakeCollector]:
+    """A :class:`FakeCollector` answering on loopback for the block."""
     collector = FakeCollector()
     thread = threading.Thread(target=collector.server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -142,6 +166,12 @@ def fake() -> Iterator[FakeCollector]:
         collector.server.server_close()
 
 
+@pytest.fixture
+def fake() -> Iterator[FakeCollector]:
+    with serving() as collector:
+        yield collector
+
+
 def start(fake: FakeCollector, spool_dir: Path, **options: Any) -> Run:
     run = runwatch.init(
         project="control",
@@ -150,7 +180,7 @@ def start(fake: FakeCollector, spool_dir: Path, **options: Any) -> Run:
         spool_dir=spool_dir,
         system_interval=0,
         flush_interval=0.05,
-        **options,
+        **{"checkpoint_dir": spool_dir.parent / "checkpoints", **options},
     )
     assert isinstance(run, Run)
     return run
@@ -247,8 +277,9 @@ def test_commands_that_cannot_be_applied_are_acked_failed_on_arrival(
 ) -> None:
     run = start(fake, spool_dir)
     issued = {
-        fake.issue("checkpoint", {"reason": "before lr change"}): UNSUPPORTED,
-        fake.issue("rollback", {"checkpoint": "last_good", "skip_batches": 200}): UNSUPPORTED,
+        fake.issue("rollback", {"checkpoint": "last_good"}): "rollback: the command names no",
+        fake.issue("rollback", {"path": "/x.pt", "skip_batches": -1}): "rollback: skip_batches",
+        fake.issue("rollback", {"path": "/x.pt", "lr_factor": 2}): "rollback: lr_factor must",
         fake.issue("lr_scale", {"factor": -1, "steps": 3}): "lr_scale: factor must be",
         fake.issue("clip", {"mode": "adaptive", "alpha": 1.5}): "clip: alpha must be",
         fake.issue("explode"): "unknown command type 'explode'",
@@ -261,9 +292,11 @@ def test_commands_that_cannot_be_applied_are_acked_failed_on_arrival(
         assert ack["detail"].startswith(detail), ack
 
 
-def test_a_command_for_a_step_already_past_is_acked_expired(
+def test_a_single_process_applies_a_command_for_a_step_already_past_at_once(
     fake: FakeCollector, spool_dir: Path
 ) -> None:
+    """No ranks to split: late is better than never (the collector tells the agent's world
+    size when it issues, and gives such a run its next step)."""
     run = start(fake, spool_dir)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -272,18 +305,27 @@ def test_a_command_for_a_step_already_past_is_acked_expired(
         optimizer.zero_grad()
         backward(model, step)
         optimizer.step()
-    cid = fake.issue("lr_scale", {"factor": 0.5, "steps": 2}, at_step=1)
+    cid = fake.issue("skip_step", {}, at_step=1)
     deliver(run)
+    before = [p.detach().clone() for p in model.parameters()]
     optimizer.zero_grad()
     backward(model, 4)
     optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert run.flush(10)
     run.finish()
     (ack,) = fake.acks_of(cid)
-    assert ack["status"] == "expired" and ack["step"] == 4
-    assert "past 1" in ack["detail"]
-    assert "control/lr_scale" not in {k for _, _, k, _ in fake.points}
-    assert optimizer.param_groups[0]["lr"] == 0.1
+    assert ack["status"] == "applied" and ack["step"] == 4
+    assert fake.runs[0]["world_size"] == 1
+
+
+def test_a_rank_of_several_expires_a_command_for_a_step_already_past() -> None:
+    control = Control(single_process=False)
+    control.receive([{"id": 5, "type": "skip_step", "args": {}, "at_step": 1}])
+    assert control.due(4) == []
+    ack = control.next_ack()
+    assert ack is not None and ack.status == "expired" and ack.step == 4
+    assert "past 1" in ack.detail
 
 
 # -- lr_scale -----------------------------------------------------------------------------------
@@ -558,11 +600,13 @@ def test_stop_sets_should_stop_at_its_step(fake: FakeCollector, spool_dir: Path)
     assert run.flush(10)
     run.finish()
     (ack,) = fake.acks_of(cid)
+    saved = spool_dir.parent / "checkpoints" / "control" / "step-000000002.pt"
     assert (ack["status"], ack["step"], ack["detail"]) == (
         "applied",
         2,
-        "stop requested: loss diverged",
+        f"stop requested: loss diverged; checkpoint of step 2 saved to {saved}",
     )
+    assert saved.is_file()
     with pytest.raises(AttributeError):
         run.should_stop = False  # type: ignore[misc]
 

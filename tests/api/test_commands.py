@@ -65,6 +65,12 @@ class Rank:
         )
 
 
+def save_checkpoint(client: Client, run: int, step: int) -> int:
+    """Register a checkpoint at ``step`` (a rollback needs one); its id."""
+    body = {"step": step, "path": f"/ckpt/step-{step}.pt", "size_bytes": 1, "wall_time": T0 + step}
+    return client.register_checkpoint(run, **body)["checkpoint"]["id"]
+
+
 def control_of(collector: Collector) -> ControlChannel:
     return collector.thread.app.state.control
 
@@ -169,10 +175,15 @@ def test_an_unacknowledged_command_expires(collector: Collector, client: Client,
 
 
 def test_cancel_stops_delivery(collector: Collector, client: Client, run: int) -> None:
-    command = client.issue_command(run, "rollback", skip_batches=200)["id"]
+    checkpoint = save_checkpoint(client, run, 20)
+    command = client.issue_command(run, "rollback", checkpoint=checkpoint, skip_batches=200)["id"]
     assert state_of(client, run, command)["args"] == {
-        "checkpoint": "last_good",
+        "checkpoint": checkpoint,
+        "path": "/ckpt/step-20.pt",
+        "step": 20,
         "skip_batches": 200,
+        "lr_factor": 1.0,
+        "lr_steps": 200,
     }
     rank0, rank1 = Rank(client, run, 0), Rank(client, run, 1)
     assert rank0.ids() == [command]
@@ -197,7 +208,7 @@ def test_cancel_stops_delivery(collector: Collector, client: Client, run: int) -
 def test_at_step_follows_the_runs_pace(client: Client) -> None:
     slow = client.create_run("llm", "slow")["id"]
     client.ingest(slow, [(s, T0 + s, "train/step_time", 2.0) for s in range(100, 111)], seq=0)
-    client.ingest(slow, [(112, T0, "loss", 1.0)], seq=0, rank=3)  # the latest step, any rank
+    client.ingest(slow, [(112, T0 + 112, "loss", 1.0)], seq=0, rank=3)  # the latest point
     assert client.issue_command(slow, "skip_step")["at_step"] == 112 + 3  # ceil(5 / 2.0)
     fast = client.create_run("llm", "fast")["id"]
     client.ingest(fast, [(s, T0 + s, "train/step_time", 0.001) for s in range(0, 500)], seq=0)
@@ -207,6 +218,32 @@ def test_at_step_follows_the_runs_pace(client: Client) -> None:
     client.ingest(unpaced, [(7, T0, "loss", 1.0), (7, T0, "train/step_time", math.nan)], seq=0)
     assert client.issue_command(unpaced, "skip_step")["at_step"] == 8
     assert client.issue_command(unpaced, "skip_step", at_step=3)["at_step"] == 3
+
+
+def test_a_single_process_run_takes_commands_at_its_next_step(client: Client) -> None:
+    """No ranks to keep in step: no 5 s lead (its agent applies a late command at once)."""
+    single = client.create_run("llm", "single", world_size=1)
+    assert single["world_size"] == 1
+    client.ingest(single["id"], [(s, T0 + s, "train/step_time", 0.025) for s in range(50)], seq=0)
+    assert client.issue_command(single["id"], "skip_step")["at_step"] == 50
+    ddp = client.create_run("llm", "ddp", world_size=2)["id"]
+    client.ingest(ddp, [(s, T0 + s, "train/step_time", 0.025) for s in range(50)], seq=0)
+    assert client.issue_command(ddp, "skip_step")["at_step"] == 49 + 200
+    # Resumed on 4 processes: the lead is back.
+    assert client.create_run("llm", "single", world_size=4)["world_size"] == 4
+    assert client.issue_command(single["id"], "skip_step")["at_step"] == 49 + 200
+    # Not said (an older agent): the lead, as for several ranks.
+    assert client.create_run("llm", "single")["world_size"] == 4
+
+
+def test_at_step_follows_the_run_back_after_a_rollback(client: Client) -> None:
+    run = client.create_run("llm", "rolled-back")["id"]
+    client.ingest(run, [(s, T0 + s, "train/step_time", 1.0) for s in range(0, 413)], seq=0)
+    client.ingest(run, [(400, T0 + 400, "eval/loss", 2.0)], seq=1)  # logged every 400 steps
+    assert client.issue_command(run, "skip_step")["at_step"] == 412 + 5
+    # Rolled back to step 300 at T0 + 1000: the run repeats steps; eval/loss still says 400.
+    client.ingest(run, [(s, T0 + 700 + s, "train/step_time", 1.0) for s in range(300, 311)], seq=2)
+    assert client.issue_command(run, "skip_step")["at_step"] == 310 + 5
 
 
 # -- the long poll -----------------------------------------------------------------------
@@ -382,6 +419,19 @@ BAD_COMMANDS: list[tuple[dict[str, Any], str]] = [
         {"type": "rollback", "args": {"skip_batches": 10**8}},
         "args.skip_batches: Input should be less than or equal to 10000000",
     ),
+    # rollback: lr_factor 0, above 1 (a rollback only lowers it), lr_steps 0
+    (
+        {"type": "rollback", "args": {"lr_factor": 0}},
+        "args.lr_factor: Input should be greater than 0",
+    ),
+    (
+        {"type": "rollback", "args": {"lr_factor": 1.5}},
+        "args.lr_factor: Input should be less than or equal to 1",
+    ),
+    (
+        {"type": "rollback", "args": {"lr_steps": 0}},
+        "args.lr_steps: Input should be greater than or equal to 1",
+    ),
     # at_step negative or beyond int64, expires_in below 1 s, an unknown field
     (
         {"type": "stop", "at_step": -1},
@@ -490,6 +540,7 @@ def invoke(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 
 
 def test_cli_issues_and_lists_commands(client: Client, run: int, env: dict[str, str]) -> None:
+    checkpoint = save_checkpoint(client, run, 20)
     code, out, err = invoke(
         env, "command", "llm/r", "lr_scale", "--factor", "0.5", "--steps", "100"
     )
@@ -499,8 +550,8 @@ def test_cli_issues_and_lists_commands(client: Client, run: int, env: dict[str, 
     assert code == 0, err
     assert json.loads(out)["args"] == {"mode": "adaptive", "z": 3.0, "alpha": 0.97}
     code, _, err = invoke(
-        env, "command", str(run), "rollback", "--checkpoint", "7", "--skip-batches", "300",
-        "--at-step", "99",
+        env, "command", str(run), "rollback", "--checkpoint", str(checkpoint), "--skip-batches",
+        "300", "--lr-factor", "0.5", "--lr-steps", "50", "--at-step", "99",
     )  # fmt: skip
     assert code == 0, err
     code, _, err = invoke(env, "command", str(run), "stop", "--reason", "diverged")
@@ -516,7 +567,8 @@ def test_cli_issues_and_lists_commands(client: Client, run: int, env: dict[str, 
         "1 lr_scale factor=0.5 steps=100 at step 50: applied",
         "rank 0: applied at step 50; rank 1: failed at step 50 (no scheduler)",
         "2 clip mode=adaptive z=3.0 alpha=0.97 at step 50: pending",
-        "3 rollback checkpoint=7 skip_batches=300 at step 99: pending",
+        "3 rollback checkpoint=1 path=/ckpt/step-20.pt step=20 skip_batches=300 lr_factor=0.5 "
+        "lr_steps=50 at step 99: pending",
         "no rank has reported",
         "4 stop reason=diverged at step 50: cancelled",
         "by api:open, delivered -, ended",
@@ -534,7 +586,14 @@ def test_cli_issues_and_lists_commands(client: Client, run: int, env: dict[str, 
         ("rollback", "pending", 99),
         ("stop", "cancelled", 50),
     ]
-    assert listed[2]["args"] == {"checkpoint": 7, "skip_batches": 300}
+    assert listed[2]["args"] == {
+        "checkpoint": checkpoint,
+        "path": "/ckpt/step-20.pt",
+        "step": 20,
+        "skip_batches": 300,
+        "lr_factor": 0.5,
+        "lr_steps": 50,
+    }
 
 
 @pytest.mark.parametrize(
@@ -558,6 +617,8 @@ def test_cli_issues_and_lists_commands(client: Client, run: int, env: dict[str, 
             ["rollback", "--checkpoint", "newest"],
             "--checkpoint must be last_good or a checkpoint id",
         ),
+        (["rollback", "--lr-factor", "1.5"], "0<x<=1"),
+        (["lr_scale", "--factor", "0.5", "--steps", "5", "--lr-steps", "9"], "--lr-steps does not"),
         # an unknown type
         (["reboot"], "'reboot' is not one of 'lr_scale', 'clip'"),
     ],

@@ -529,6 +529,10 @@ RUN_CASES = [
     pytest.param({"project": "llm", "config": [1]}, "body.config: Input should be a valid dictionary", id="config-list"),  # noqa: E501
     # a config integer beyond 64 bits
     pytest.param({"project": "llm", "config": {"seed": 2**64}}, "config", id="config-bigint"),
+    # a world size of 0 processes
+    pytest.param({"project": "llm", "world_size": 0}, "body.world_size: Input should be greater than or equal to 1", id="world-size-0"),  # noqa: E501
+    # a world size that is not a whole number
+    pytest.param({"project": "llm", "world_size": 1.5}, "body.world_size: Input should be a valid integer", id="world-size-float"),  # noqa: E501
 ]
 # fmt: on
 
