@@ -1,11 +1,20 @@
 """``make demo``: a real training run on the CPU, watched by the agent, against the embedded
-collector.
+collector, hit by a real fault that runwatch repairs on its own.
 
 A collector on SQLite (``.demo/runwatch.db``) runs in this process on a loopback
-port; a tiny byte-level transformer (:mod:`runwatch.tinylm`) learns from the
-source of a few standard-library modules while ``runwatch.init`` / ``run.watch``
-/ ``run.log`` stream its signals over HTTP, exactly as in a user's script. At
-the end the demo asks the collector's query API what it recorded.
+port with the default policy; a tiny byte-level transformer (:mod:`runwatch.tinylm`)
+learns from the source of a few standard-library modules while ``runwatch.init`` /
+``run.watch`` / ``run.log`` stream its signals over HTTP, exactly as in a user's
+script, and the agent saves a checkpoint every 25 steps. From batch ``--fault-at``
+(150) the data turn to garbage for 20 batches (a corrupted shard: random byte ids).
+The detectors see the loss jump and stay up, the policy rolls the run back to the
+last good checkpoint with the next 200 batches skipped, and the run finishes
+healthy. At the end the demo prints a timeline of anomalies, commands and
+checkpoints, and what the query API recorded.
+
+A checkpoint is called good here once the run went 50 steps past it without a
+training-signal anomaly (``checkpoint_verify_steps``; 100 by default), so that a
+300-step run has one to go back to.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import argparse
 import dataclasses
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,11 +41,28 @@ from runwatch.tinylm import TinyConfig, TinyLM, batches, corpus, loss_of, warmup
 STEPS = 300
 BATCH = 16
 VALIDATE_EVERY = 50
+CHECKPOINT_EVERY = 25
+FAULT_AT = 150
+FAULT_LENGTH = 20
+VERIFY_STEPS = 50
 console = Console(highlight=False)
 
+Batch = tuple[torch.Tensor, torch.Tensor]
 
-def train(server: str, steps: int, spool: Path) -> int:
-    """Train the tiny model for ``steps`` steps under the agent; returns the run id."""
+
+def corrupted(stream: Iterator[Batch], start: int | None) -> Iterator[Batch]:
+    """``stream`` with batches ``[start, start + FAULT_LENGTH)`` replaced by random byte ids."""
+    generator = torch.Generator().manual_seed(7)
+    for index, (inputs, targets) in enumerate(stream):
+        if start is not None and start <= index < start + FAULT_LENGTH:
+            inputs = torch.randint(0, 256, inputs.shape, generator=generator)
+            targets = torch.randint(0, 256, targets.shape, generator=generator)
+        yield inputs, targets
+
+
+def train(server: str, steps: int, workdir: Path, fault_at: int | None) -> int:
+    """Train the tiny model for ``steps`` optimizer steps under the agent (more iterations
+    when it rolls back), with garbage batches from ``fault_at``; returns the run id."""
     torch.manual_seed(0)
     config = TinyConfig()
     data = corpus()
@@ -53,10 +80,11 @@ def train(server: str, steps: int, spool: Path) -> int:
         server=server,
         config=hyper,
         tags=["demo", "cpu"],
-        spool_dir=spool,
+        spool_dir=workdir / "spool",
+        checkpoint_dir=workdir / "checkpoints",
         system_interval=1.0,
     ) as run:
-        run.watch(model, optimizer, scheduler)
+        run.watch(model, optimizer, scheduler, checkpoint_every=CHECKPOINT_EVERY)
         columns = (
             TextColumn("[bold]training"),
             BarColumn(),
@@ -66,17 +94,23 @@ def train(server: str, steps: int, spool: Path) -> int:
         )
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("train", total=steps, loss="-")
-            for step in range(steps):
-                inputs, targets = next(train_data)
+            # run.data: the batch boundary where a rollback restores a checkpoint and skips
+            # batches of the stream beneath it.
+            for iteration, (inputs, targets) in enumerate(
+                run.data(corrupted(train_data, fault_at))
+            ):
                 loss = loss_of(model, inputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 run.log({"train/loss": loss})
+                step = run.step  # this update's step: after a rollback, counted from its step
                 if step % VALIDATE_EVERY == VALIDATE_EVERY - 1 or step == steps - 1:
                     run.log({"val/loss": validate(model, val_data)})
-                progress.update(task, advance=1, loss=f"{loss.item():.3f}")
+                progress.update(task, completed=step + 1, loss=f"{loss.item():.3f}")
+                if step + 1 >= steps or run.should_stop or iteration >= 3 * steps:
+                    break
         run.flush(10)
         assert run.id is not None, "the collector did not answer"
         return run.id
@@ -88,6 +122,30 @@ def validate(model: TinyLM, data: object, batches_: int = 4) -> float:
         total = sum(loss_of(model, *next(data)).item() for _ in range(batches_))  # type: ignore[call-overload]
     model.train()
     return total / batches_
+
+
+def timeline(client: Client, run_id: int) -> None:
+    """Anomalies, commands and checkpoints of the run, in the order they happened."""
+    events: list[tuple[float, str, str, str]] = []
+    for a in client.anomalies(run_id):
+        what = f"[yellow]{a['kind']}[/] ({a['severity']})"
+        events.append((a["wall_time"], str(a["step"]), what, a["message"]))
+    for c in client.commands(run_id):
+        ack = next((k for k in c["acks"] if k["rank"] == 0), None)
+        outcome = f"{ack['status']} at step {ack['step']}: {ack['detail']}" if ack else c["state"]
+        what = f"[cyan]{c['type']}[/] by {c['source']}"
+        events.append((c["created_at"], str(c["at_step"]), what, outcome))
+    for k in client.checkpoints(run_id, include_deleted=True):
+        label = f"{k['label']}" + (", deleted" if k["deleted_at"] is not None else "")
+        what = f"checkpoint {k['id']} [dim]({label})[/]"
+        events.append((k["wall_time"], str(k["step"]), what, k["label_detail"]))
+    if not events:
+        return
+    start = min(e[0] for e in events)
+    table = Table("t (s)", "step", "event", "detail", title="what happened")
+    for when, step, what, detail in sorted(events):
+        table.add_row(f"{when - start:.1f}", step, what, detail)
+    console.print(table)
 
 
 def show(client: Client, run_id: int) -> None:
@@ -125,14 +183,35 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m runwatch.demo", description=__doc__)
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps (default 300)")
     parser.add_argument("--workdir", type=Path, default=Path(".demo"))
+    parser.add_argument(
+        "--fault-at",
+        type=int,
+        default=FAULT_AT,
+        help=f"first of {FAULT_LENGTH} garbage batches (default {FAULT_AT}; -1: no fault)",
+    )
     args = parser.parse_args(argv)
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     db = f"sqlite:///{args.workdir / 'runwatch.db'}"
-    with ServerThread(Settings(db=db, host="127.0.0.1", port=0)) as server:
+    settings = Settings(
+        db=db,
+        host="127.0.0.1",
+        port=0,
+        detector_check_seconds=1.0,
+        checkpoint_verify_steps=VERIFY_STEPS,
+    )
+    fault_at = args.fault_at if args.fault_at >= 0 else None
+    with ServerThread(settings) as server:
         console.print(f"[bold]runwatch collector[/] on {server.url}, database {db}")
-        run_id = train(server.url, args.steps, args.workdir / "spool")
+        if fault_at is not None:
+            console.print(
+                f"batches {fault_at}-{fault_at + FAULT_LENGTH - 1} will be garbage "
+                "(random byte ids): watch runwatch roll the run back"
+            )
+        run_id = train(server.url, args.steps, args.workdir, fault_at)
         with Client(server.url, api_key="") as client:
+            time.sleep(2.0)  # the last anomalies and acknowledgements
+            timeline(client, run_id)
             show(client, run_id)
             name = f"demo/{client.run(run_id)['name']}"
     console.print(

@@ -61,9 +61,7 @@ def collectors(workdir: Path) -> Iterator[dict[str, str]]:
                 "RUNWATCH_POLICY": policy,
             }
             db = f"sqlite:///{workdir / f'{mode}.db'}"
-            urls[mode] = stack.enter_context(
-                collector_process(db, workdir / f"{mode}.log", env)
-            )
+            urls[mode] = stack.enter_context(collector_process(db, workdir / f"{mode}.log", env))
         yield urls
 
 
@@ -103,9 +101,13 @@ def measure(fault: str, mode: str, trace: Trace, healthy: Trace, url: str | None
         anomalies = len(fetch_anomalies(url, trace.run_id))
     steps_made = trace.steps[-1] + 1 if trace.steps else 0
     redone = max(0, trace.iterations - steps_made)
-    rec_iterations, rec_s = recovery(trace, healthy) if FAULTS[fault].onset is not None else (
-        None,
-        None,
+    rec_iterations, rec_s = (
+        recovery(trace, healthy)
+        if FAULTS[fault].onset is not None
+        else (
+            None,
+            None,
+        )
     )
     return Result(
         fault=fault,
@@ -177,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     if healthy is None:
                         healthy = trace  # healthy, mode none: the baseline
-                    result = measure(
-                        fault, mode, trace, healthy, url, time.perf_counter() - began
-                    )
+                    result = measure(fault, mode, trace, healthy, url, time.perf_counter() - began)
                     results.append(result)
                     print(
                         f"  {fault:<18}{mode:<7} val {_num(result.final_val, 3)} "

@@ -15,6 +15,7 @@ so a run that rolled back makes more iterations), the run is told to stop, or
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -63,7 +64,7 @@ class Trace:
     def iteration_s(self) -> float:
         """Median wall time of an iteration."""
         times = [*self.starts, self.end_time]
-        return statistics.median(b - a for a, b in zip(times, times[1:], strict=False))
+        return statistics.median(b - a for a, b in itertools.pairwise(times))
 
     def nonfinite_at_end(self, last: int = 20) -> bool:
         return any(not math.isfinite(v) for v in self.losses[-last:])
@@ -101,8 +102,6 @@ def train(mode: str, fault: Fault, seed: int, *, server: str | None, workdir: Pa
         for iteration in range(MAX_ITERATIONS):
             trace.starts.append(time.time())
             inputs, targets = next(stream)
-            if run is not None:
-                step = run.step  # after a rollback, the restored step
             computing = time.perf_counter()
             loss = lm_loss(model, inputs, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -112,6 +111,8 @@ def train(mode: str, fault: Fault, seed: int, *, server: str | None, workdir: Pa
             pace(computing, PACE_S)
             optimizer.step()
             scheduler.step()
+            if run is not None:
+                step = run.step  # this update's step; after a rollback, counted from its step
             trace.steps.append(step)
             trace.losses.append(loss.item())
             if run is not None:

@@ -378,6 +378,7 @@ def test_a_burst_of_findings_gives_one_rollback(h: Harness) -> None:
         ("divergence", 1000),
         ("grad_norm_spike", 1000, "warning"),
         ("nonfinite_grad_norm", 1000),
+        ("loss_spike_sustained", 1000, "warning"),
     )
     assert kinds(issued) == [("rollback", ROLLBACK)]
     (rollback,) = issued
