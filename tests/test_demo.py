@@ -29,3 +29,26 @@ def test_demo_trains_under_the_agent_and_reports_what_was_recorded(
     assert {"train/loss", "val/loss", "train/grad_norm", "train/lr", "sys/proc_rss_gb"} <= keys
     assert any(key.startswith("act/blocks.") for key in keys)
     assert losses == 6
+
+
+def test_demo_fault_is_detected_rolled_back_and_the_run_ends_healthy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The full ``make demo``: 20 garbage batches at batch 150 of 300 steps."""
+    demo.main(["--workdir", str(tmp_path / "demo")])
+    out = capsys.readouterr().out
+    assert "what happened" in out and "rollback" in out
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'demo' / 'runwatch.db'}")
+    with engine.connect() as conn:
+        rollbacks = conn.execute(
+            sa.text("SELECT source, state, args FROM commands WHERE type = 'rollback'")
+        ).all()
+        last_loss = conn.execute(
+            sa.text("SELECT last_value FROM series WHERE key = 'train/loss'")
+        ).scalar_one()
+    engine.dispose()
+    assert len(rollbacks) == 1, rollbacks
+    source, state, args = rollbacks[0]
+    assert source.startswith("policy:") and state == "applied"
+    assert '"skip_batches": 200' in args or "'skip_batches': 200" in str(args)
+    assert last_loss is not None and 0 < last_loss < 3.0  # healthy again, not NaN
