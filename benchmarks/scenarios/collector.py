@@ -33,11 +33,12 @@ class NoPipeline(Exception):
 
 def collector(workdir: Path) -> AbstractContextManager[str]:
     """``python -m runwatch server`` on a fresh SQLite file and a free loopback port, with
-    ``RUNWATCH_DETECTOR_CHECK_SECONDS=1`` and ``RUNWATCH_DETECTOR_TIME_SCALE=0.01``; yields its
-    URL, stops it on the way out."""
+    ``RUNWATCH_DETECTOR_CHECK_SECONDS=1``, ``RUNWATCH_DETECTOR_TIME_SCALE=0.01`` and
+    ``RUNWATCH_POLICY=off``; yields its URL, stops it on the way out."""
     env = {
         "RUNWATCH_DETECTOR_CHECK_SECONDS": CHECK_SECONDS,
         "RUNWATCH_DETECTOR_TIME_SCALE": TIME_SCALE,
+        "RUNWATCH_POLICY": "off",  # detection only: an intervention would change the run scored
     }
     db = f"sqlite:///{workdir / 'collector.db'}"
     return collector_process(db, workdir / "collector.log", env)
