@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
-import pytest
 from sqlalchemy import delete
 
-from runwatch.collector.storage import migrate
 from runwatch.collector.storage.anomalies import (
     AnomalyFilter,
     Found,
@@ -21,17 +18,7 @@ from runwatch.collector.storage.detector_state import Snapshot, load_state, save
 from runwatch.collector.storage.runs import create_or_resume
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.tables import runs
-from runwatch.db import make_engine
 from runwatch.detectors.base import Anomaly
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    engine = make_engine(db_url)
-    migrate.upgrade(engine)
-    found = Store(engine)
-    yield found
-    found.dispose()
 
 
 def new_run(store: Store, name: str = "r") -> int:

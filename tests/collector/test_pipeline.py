@@ -21,13 +21,11 @@ from runwatch import wire
 from runwatch.client import Client
 from runwatch.collector.batch import Batch
 from runwatch.collector.pipeline import DetectionPipeline
-from runwatch.collector.storage import migrate
 from runwatch.collector.storage.anomalies import AnomalyFilter, list_anomalies
 from runwatch.collector.storage.detector_state import Snapshot, load_state, save_states
 from runwatch.collector.storage.runs import create_or_resume
 from runwatch.collector.storage.store import Store
 from runwatch.collector.telemetry import Telemetry
-from runwatch.db import make_engine
 from runwatch.detectors.base import Anomaly, RunDetector, SeriesDetector
 from runwatch.detectors.engine import Engine, Rule, RunRule
 from runwatch.detectors.nonfinite import NonFinite
@@ -191,15 +189,6 @@ def test_detection_can_be_switched_off(db_url: str) -> None:
 
 
 # -- the pipeline on its own -------------------------------------------------------------
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    engine = make_engine(db_url)
-    migrate.upgrade(engine)
-    found = Store(engine)
-    yield found
-    found.dispose()
-
-
 class Clock:
     """Wall time that moves only when told to."""
 

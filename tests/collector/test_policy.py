@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,6 @@ from runwatch.collector.policy.model import (
     parse_policy,
     policy_from_setting,
 )
-from runwatch.collector.storage import migrate
 from runwatch.collector.storage.anomalies import Found, insert_anomalies
 from runwatch.collector.storage.checkpoints import DEFAULT_WINDOW, register_checkpoint
 from runwatch.collector.storage.commands import CommandFilter, CommandRecord
@@ -42,7 +40,6 @@ from runwatch.collector.storage.points import write_batches
 from runwatch.collector.storage.runs import create_or_resume, finish_run
 from runwatch.collector.storage.store import Store
 from runwatch.collector.telemetry import Telemetry
-from runwatch.db import make_engine
 from runwatch.detectors.base import Anomaly
 from runwatch.detectors.defaults import RULES
 from runwatch.detectors.engine import Engine, Rule
@@ -344,15 +341,6 @@ class Harness:
         from prometheus_client import generate_latest
 
         return generate_latest(self.telemetry.registry).decode()
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    engine = make_engine(db_url)
-    migrate.upgrade(engine)
-    found = Store(engine)
-    yield found
-    found.dispose()
 
 
 @pytest.fixture

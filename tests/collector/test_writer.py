@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 
 from runwatch.collector.batch import Batch
-from runwatch.collector.storage import migrate
 from runwatch.collector.storage.points import write_batches
 from runwatch.collector.storage.queries import list_series, metric_range
 from runwatch.collector.storage.runs import create_or_resume
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.writer import BatchWriter
-from runwatch.db import make_engine
-
-
-@pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    engine = make_engine(db_url)
-    migrate.upgrade(engine)
-    found = Store(engine)
-    yield found
-    found.dispose()
 
 
 def make_batch(run: int, seq: int, *, rank: int = 0, n: int = 10, key: str = "loss") -> Batch:
