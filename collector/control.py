@@ -238,7 +238,7 @@ class ControlChannel:
             if type == "rollback":
                 args = resolve_rollback(conn, run_id, args, self.checkpoint_window)
             if at_step is None:
-                at_step = next_safe_step(conn, run_id, lead=self.lead)
+                at_step = next_safe_step(conn, run, lead=self.lead)
             command_id = insert_command(
                 conn,
                 run_id=run_id,

@@ -719,11 +719,18 @@ def checkpoints_list(
 
 
 def format_size(n: int) -> str:
-    """``512 B``, ``1.5 MB``: decimal units, 3 significant digits."""
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if size < 1000:
-            return f"{n} B" if unit == "B" else f"{size:.3g} {unit}"
+    """``512 B``, ``1.5 MB``: decimal units, 3 significant digits.
+
+    >>> [format_size(n) for n in (999, 1000, 999_499, 999_500, 1_234_567_890)]
+    ['999 B', '1 kB', '999 kB', '1 MB', '1.23 GB']
+    """
+    if n < 1000:
+        return f"{n} B"
+    size = n / 1000
+    for unit in ("kB", "MB", "GB", "TB"):
+        shown = f"{size:.3g}"
+        if float(shown) < 1000:  # 999.5 rounds to 1e+03: the next unit says it better
+            return f"{shown} {unit}"
         size /= 1000
     return f"{size:.3g} PB"
 

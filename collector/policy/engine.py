@@ -57,9 +57,11 @@ from runwatch.collector.errors import Conflict, NotFound
 from runwatch.collector.policy.model import LIMIT_RULE, Action, Policy, Rule
 from runwatch.collector.storage.anomalies import Found
 from runwatch.collector.storage.checkpoints import SUSPECT_KINDS
+from runwatch.collector.storage.commands import OPEN_STATES
 from runwatch.collector.storage.runs import RunRecord, get_run
 from runwatch.collector.storage.tables import commands
 from runwatch.collector.telemetry import Telemetry
+from runwatch.detectors.base import SEVERITIES
 
 log = logging.getLogger("runwatch.collector.policy")
 
@@ -72,10 +74,9 @@ COUNTED_ROLLBACK_STATES = ("pending", "delivered", "applied", "failed")
 """Rollbacks the limit counts: all that reached the trainer or may still (not expired or
 cancelled ones). A failed rollback counts, so that a trainer that cannot roll back is not
 asked again and again."""
-OPEN_STATES = ("pending", "delivered")
 MAX_REMEMBERED = 100_000
 """Alert cooldowns kept in memory; past this many the memory is cleared (never searched)."""
-SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
+SEVERITY_ORDER = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,7 @@ class PolicyEngine:
                 return
             if run.state != "running":
                 return
-            history = _history(conn, run_id)
+            history = _history(conn, run_id, self.control.clock())
         firings = self._firings(run, history, found)
         for planned in self._commands(run_id, history, firings):
             self._issue(run, planned)
@@ -300,8 +301,12 @@ class PolicyEngine:
         self.telemetry.policy_actions.labels(rule, "alert", "logged").inc()
 
 
-def _history(conn: Connection, run_id: int) -> _History:
-    """The run's policy commands, rollbacks and stops, read in one query."""
+def _history(conn: Connection, run_id: int, now: float) -> _History:
+    """The run's policy commands, rollbacks and stops, read in one query.
+
+    An open command past its ``expires_at`` counts as expired: the channel marks it so only
+    when someone next asks for the run's commands.
+    """
     rows = conn.execute(
         select(
             commands.c.id,
@@ -310,6 +315,7 @@ def _history(conn: Connection, run_id: int) -> _History:
             commands.c.state,
             commands.c.at_step,
             commands.c.finished_at,
+            commands.c.expires_at,
         )
         .where(
             commands.c.run_id == run_id,
@@ -320,7 +326,17 @@ def _history(conn: Connection, run_id: int) -> _History:
         )
         .order_by(commands.c.id)
     )
-    past = [_Past(*row) for row in rows]
+    past = [
+        _Past(
+            r.id,
+            r.type,
+            r.source,
+            "expired" if r.state in OPEN_STATES and r.expires_at <= now else r.state,
+            r.at_step,
+            r.finished_at,
+        )
+        for r in rows
+    ]
     history = _History()
     for p in past:
         if p.type == "rollback" and p.state == "applied":

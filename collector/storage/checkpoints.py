@@ -56,7 +56,7 @@ from sqlalchemy import (
 )
 
 from runwatch.collector.errors import Conflict, InvalidInput
-from runwatch.collector.storage.commands import OPEN_STATES
+from runwatch.collector.storage.commands import OPEN_STATES, command_run
 from runwatch.collector.storage.runs import get_run
 from runwatch.collector.storage.sql import insert_or_ignore
 from runwatch.collector.storage.tables import anomalies, checkpoints, commands, points, series
@@ -145,12 +145,8 @@ def register_checkpoint(
     now: float,
 ) -> Registered:
     """Store a checkpoint (idempotent on its path, step and wall time), then apply retention."""
-    if command_id is not None:
-        owner = conn.execute(
-            select(commands.c.run_id).where(commands.c.id == command_id)
-        ).scalar_one_or_none()
-        if owner != run_id:
-            raise InvalidInput(f"command {command_id} is not a command of run {run_id}")
+    if command_id is not None and command_run(conn, command_id) != run_id:
+        raise InvalidInput(f"command {command_id} is not a command of run {run_id}")
     key = path_key(path)
     same = (
         checkpoints.c.run_id == run_id,
@@ -158,35 +154,36 @@ def register_checkpoint(
         checkpoints.c.step == step,
         checkpoints.c.wall_time == wall_time,
     )
-    new = conn.execute(select(checkpoints.c.id).where(*same)).first() is None
+    # "Or ignore": a retry, or a retry racing the first attempt, finds its row instead.
+    new = insert_or_ignore(
+        conn,
+        checkpoints,
+        {
+            "run_id": run_id,
+            "step": step,
+            "path": path,
+            "path_key": key,
+            "size_bytes": size_bytes,
+            "wall_time": wall_time,
+            "reason": reason,
+            "command_id": command_id,
+            "created_at": now,
+        },
+    )
+    existing = conn.execute(select(checkpoints.c.id).where(*same)).scalar_one()
     if new:
         # The file at this path was overwritten: its older records describe nothing any more.
+        # After the insert, and never this record: a racing retry must not delete its own row.
         conn.execute(
             update(checkpoints)
             .where(
                 checkpoints.c.run_id == run_id,
                 checkpoints.c.path_key == key,
+                checkpoints.c.id != existing,
                 checkpoints.c.deleted_at.is_(None),
             )
             .values(deleted_at=now)
         )
-        # "Or ignore": a retry racing the first attempt finds its row instead of failing.
-        new = insert_or_ignore(
-            conn,
-            checkpoints,
-            {
-                "run_id": run_id,
-                "step": step,
-                "path": path,
-                "path_key": key,
-                "size_bytes": size_bytes,
-                "wall_time": wall_time,
-                "reason": reason,
-                "command_id": command_id,
-                "created_at": now,
-            },
-        )
-    existing = conn.execute(select(checkpoints.c.id).where(*same)).scalar_one()
     if keep is not None:
         _apply_retention(conn, run_id, keep, window, by=existing, now=now)
     pruned = _query(conn, run_id, window, where=[checkpoints.c.pruned_by == existing])
@@ -264,7 +261,7 @@ def _apply_retention(
     if not live:
         return
     good = [c for c in live if c.label == "good"]
-    kept = {live[0].id} | {c.id for c in good[:keep]} | _pinned(conn, run_id)
+    kept = {live[0].id} | {c.id for c in good[:keep]} | _pinned(conn, run_id, now)
     newest_good = good[0].id if good else None
     drop = [
         c.id
@@ -283,13 +280,14 @@ def _apply_retention(
         )
 
 
-def _pinned(conn: Connection, run_id: int) -> set[int]:
-    """Checkpoints named by the run's pending or delivered rollbacks."""
+def _pinned(conn: Connection, run_id: int, now: float) -> set[int]:
+    """Checkpoints named by the run's pending or delivered rollbacks that have not expired."""
     rows = conn.execute(
         select(commands.c.args).where(
             commands.c.run_id == run_id,
             commands.c.type == "rollback",
             commands.c.state.in_(OPEN_STATES),
+            commands.c.expires_at > now,
         )
     ).scalars()
     return {args["checkpoint"] for args in rows if type(args.get("checkpoint")) is int}

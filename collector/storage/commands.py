@@ -31,8 +31,9 @@ from typing import Any
 from sqlalchemy import Connection, and_, case, exists, func, insert, select, update
 
 from runwatch.collector.errors import Conflict, NotFound
+from runwatch.collector.storage.runs import RunRecord
 from runwatch.collector.storage.sql import insert_or_ignore
-from runwatch.collector.storage.tables import command_acks, commands, runs, series
+from runwatch.collector.storage.tables import command_acks, commands, series
 from runwatch.wire import ACK_STATUSES, MAX_INT64, Command
 
 COMMAND_STATES = ("pending", "delivered", "applied", "failed", "expired", "cancelled")
@@ -254,7 +255,7 @@ def live_runs(conn: Connection, now: float) -> dict[int, float]:
     return {run_id: until for run_id, until in rows}
 
 
-def next_safe_step(conn: Connection, run_id: int, *, lead: float = DELIVERY_LEAD_SECONDS) -> int:
+def next_safe_step(conn: Connection, run: RunRecord, *, lead: float = DELIVERY_LEAD_SECONDS) -> int:
     """The step at which every rank can apply a command issued now.
 
     The run's latest step (the step of its most recently written point: the
@@ -262,7 +263,7 @@ def next_safe_step(conn: Connection, run_id: int, *, lead: float = DELIVERY_LEAD
     before any) plus the steps the run makes in ``lead`` seconds at its pace:
     ``ceil(lead / step_time)`` with rank 0's latest ``train/step_time``, or 1 step
     when the run does not report one (or reports a non-positive or non-finite one).
-    A run whose agent said it is a single process (``runs.world_size`` 1) gets the
+    A run whose agent said it is a single process (``run.world_size`` 1) gets the
     next step: there are no other ranks to keep in step, and its agent applies a
     command that arrives after its ``at_step`` at once instead of expiring it.
 
@@ -271,21 +272,19 @@ def next_safe_step(conn: Connection, run_id: int, *, lead: float = DELIVERY_LEAD
     """
     latest = conn.execute(
         select(series.c.last_step)
-        .where(series.c.run_id == run_id, series.c.last_wall_time.is_not(None))
+        .where(series.c.run_id == run.id, series.c.last_wall_time.is_not(None))
         .order_by(series.c.last_wall_time.desc(), series.c.last_step.desc())
         .limit(1)
     ).scalar_one_or_none()
     row = conn.execute(
         select(series.c.last_value, series.c.n_points).where(
-            series.c.run_id == run_id, series.c.key == STEP_TIME_KEY, series.c.rank == 0
+            series.c.run_id == run.id, series.c.key == STEP_TIME_KEY, series.c.rank == 0
         )
     ).one_or_none()
     step_time = math.nan  # NULL in last_value is a NaN (see storage.tables)
     if row is not None and row.n_points and row.last_value is not None:
         step_time = float(row.last_value)
-    single = (
-        conn.execute(select(runs.c.world_size).where(runs.c.id == run_id)).scalar_one_or_none() == 1
-    )
+    single = run.world_size == 1
     steps = 1
     if not single and math.isfinite(step_time) and step_time > 0:
         steps = max(1, min(MAX_LEAD_STEPS, math.ceil(lead / step_time)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from runwatch.collector.control import ControlChannel
 from runwatch.collector.errors import Conflict
 from runwatch.collector.storage.anomalies import Found, insert_anomalies
 from runwatch.collector.storage.checkpoints import MAX_STEP
+from runwatch.collector.storage.commands import insert_command
 from runwatch.collector.storage.keys import create_key
 from runwatch.detectors.base import Anomaly
 from tests.conftest import Collector, start_collector
@@ -219,7 +221,7 @@ def test_labels_come_from_anomalies_around_the_step_and_the_runs_progress(
     # nor [300 - 50, 300 + 100]. Any rank's counts; a hang is not about the training signal.
     anomaly = spike(collector, run, 240, rank=1)
     spike(collector, run, 299, kind="hang", severity="critical")
-    spike(collector, run, 260, kind="slow_rank")
+    spike(collector, run, 260, kind="straggler")
     got = labels(client, run)
     assert got[200] == ("suspect", f"loss_spike at step 240 (anomaly {anomaly})")
     assert got[100][0] == "good" and got[300][0] == "unverified"
@@ -346,6 +348,33 @@ def test_retention_keeps_k_good_the_newest_the_unverified_and_rollback_targets(
     # keep=null keeps everything.
     progress(client, run, range(701, 1001))
     assert save(client, run, 1000)["prune"] == []
+
+
+def test_a_rollback_past_its_expiry_pins_nothing(
+    collector: Collector, client: Client, run: int
+) -> None:
+    """Expiry is marked lazily, when the run's commands are next read; retention must not
+    wait for that. The rollback is stored directly, so no read has marked it."""
+    ids = {}
+    for step in (100, 200, 300):
+        progress(client, run, range(step - 99, step + 1))
+        ids[step] = save(client, run, step)["checkpoint"]["id"]
+    with collector.store.write() as conn:
+        for expires_at in (time.time() - 1, time.time() + 600):
+            insert_command(
+                conn,
+                run_id=run,
+                type="rollback",
+                args={"checkpoint": ids[100] if expires_at < time.time() else ids[200]},
+                at_step=400,
+                source="api:test",
+                now=time.time() - 10,
+                expires_at=expires_at,
+            )
+    progress(client, run, range(301, 501))
+    reply = save(client, run, 500, keep=1)
+    # good: 300 (kept, K = 1), 200 (pinned by the live rollback), 100 (its rollback expired)
+    assert [c["id"] for c in reply["prune"]] == [ids[100]]
 
 
 def test_prune_never_names_the_path_of_a_live_checkpoint(client: Client, run: int) -> None:

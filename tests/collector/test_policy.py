@@ -34,7 +34,7 @@ from runwatch.collector.policy.model import (
     policy_from_setting,
 )
 from runwatch.collector.storage.anomalies import Found, insert_anomalies
-from runwatch.collector.storage.checkpoints import DEFAULT_WINDOW, register_checkpoint
+from runwatch.collector.storage.checkpoints import DEFAULT_WINDOW, last_good, register_checkpoint
 from runwatch.collector.storage.commands import CommandFilter, CommandRecord
 from runwatch.collector.storage.points import write_batches
 from runwatch.collector.storage.runs import create_or_resume, finish_run
@@ -67,6 +67,7 @@ BAD = [
     ("rules: [\n", "line 2, column 1: not valid YAML"),
     ("- 1\n- 2\n", "a policy is a mapping, not a list"),
     ("rules: []\nrules: []\n", "line 2, column 1: not valid YAML: key 'rules' given twice"),
+    ("? [a, b]\n: 1\n", "line 1, column 3: not valid YAML: a list or a mapping cannot be a key"),
     ("version: 2\n", "version: Input should be 1"),
     ("rule: []\n", "rule: unknown field"),
     ("rules: 3\n", "rules: Input should be a valid list"),
@@ -166,10 +167,21 @@ def test_the_default_policy_loads_and_says_what_the_readme_says() -> None:
         ],
         "lr-cut-on-loss-spike": [("lr_scale", {"factor": 0.5, "steps": 200})],
         "clip-on-grad-spike": [("clip", {"mode": "adaptive", "z": 2.5, "alpha": 0.97})],
-        "alert-on-hang": [("alert", actions["alert-on-hang"][0][1])],
+        "alert-on-hang": [
+            (
+                "alert",
+                {"severity": "critical", "message": "training hung; the supervisor restarts it"},
+            )
+        ],
         "checkpoint-on-hardware-errors": [
             ("checkpoint", {"reason": "hardware errors"}),
-            ("alert", actions["checkpoint-on-hardware-errors"][1][1]),
+            (
+                "alert",
+                {
+                    "severity": "critical",
+                    "message": "GPU hardware errors; checkpoint requested",
+                },
+            ),
         ],
     }
     assert [a.type for a in policy.rules[0].otherwise] == ["alert"]
@@ -395,6 +407,16 @@ def test_findings_a_pending_rollback_undoes_cause_nothing_more(
     assert kinds(again) == [("rollback", ROLLBACK)]
 
 
+def test_a_rollback_past_its_expiry_no_longer_holds_the_policy_back(h: Harness) -> None:
+    """Expiry is marked lazily (when the run's commands are next read): the engine must not
+    wait for that to count an undelivered rollback as gone."""
+    (rollback,) = h.anomalies(("divergence", 1000))
+    h.control.clock = lambda: rollback.expires_at + 1.0
+    (again,) = h.anomalies(("nonfinite_loss", 1010))
+    assert again.type == "rollback" and again.id != rollback.id
+    assert {c.id: c.state for c in h.commands()}[rollback.id] == "expired"
+
+
 def test_late_findings_from_the_steps_a_rollback_discarded_are_ignored(h: Harness) -> None:
     (rollback,) = h.anomalies(("divergence", 1000))
     assert rollback.at_step is not None
@@ -466,11 +488,14 @@ def test_stop_wins_over_a_rollback(store: Store) -> None:
           - {name: halt, kinds: hardware_errors, actions: [{stop: {reason: gpu}}]}
         """,
     )
-    h.progress(10)
-    issued = h.anomalies(("divergence", 10), ("hardware_errors", 10))
+    h.checkpoint(10)
+    h.progress(200)
+    with store.read() as conn:  # the rollback was possible: it lost to the stop
+        assert last_good(conn, h.run, DEFAULT_WINDOW) is not None
+    issued = h.anomalies(("divergence", 200), ("hardware_errors", 200))
     assert kinds(issued) == [("stop", "policy:halt")]
     # While it is on its way, no other command goes out.
-    assert h.anomalies(("hardware_errors", 20), ("divergence", 20)) == []
+    assert h.anomalies(("hardware_errors", 210), ("divergence", 210)) == []
 
 
 def test_the_fourth_rollback_stops_the_run_and_pages(
