@@ -8,10 +8,10 @@ so it looks at ``sys.modules`` first and falls back on the variables that
 from __future__ import annotations
 
 import os
-import secrets
 import sys
-import time
 from typing import NamedTuple
+
+from runwatch import wire
 
 
 class Placement(NamedTuple):
@@ -41,7 +41,7 @@ def agreed_name(name: str | None) -> str:
     """
     if name:
         return name
-    made = time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    made = wire.generated_run_name()
     dist = _initialized_dist()
     if dist is not None and dist.get_world_size() > 1:
         box = [made]

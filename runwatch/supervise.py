@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
 import subprocess
 import threading
@@ -60,7 +59,9 @@ from typing import Any
 
 import httpx
 
+from runwatch.agent.options import RESUME_FROM_ENV
 from runwatch.client import Client, ClientError
+from runwatch.wire import generated_run_name
 
 log = logging.getLogger("runwatch.supervise")
 
@@ -103,11 +104,6 @@ def describe(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-def generated_name() -> str:
-    """A run name like the collector's own, chosen here so that every attempt shares it."""
-    return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-
-
 class Supervisor:
     """Runs ``command`` until it succeeds, restarting it on crashes and hangs.
 
@@ -141,7 +137,7 @@ class Supervisor:
             raise ValueError(f"hang_timeout must be > 0, not {hang_timeout}")
         self.command = list(command)
         self.project = project
-        self.name = name or generated_name()
+        self.name = name or generated_run_name()
         self.server = server
         self.api_key = api_key
         self.max_restarts = max_restarts
@@ -190,7 +186,7 @@ class Supervisor:
         status = 0
         while not self._stop.is_set():
             env = self._child_env(restarts, checkpoint)
-            origin = _origin(restarts, checkpoint, env.get("RUNWATCH_RESUME_FROM"))
+            origin = _origin(restarts, checkpoint, env.get(RESUME_FROM_ENV))
             log.info("starting attempt %d/%d%s", streak + 1, self.max_restarts + 1, origin)
             outcome = self._attempt(env)
             status = exit_status(outcome.returncode)
@@ -295,9 +291,9 @@ class Supervisor:
         if self.api_key:
             env["RUNWATCH_API_KEY"] = self.api_key
         if restarts:
-            env.pop("RUNWATCH_RESUME_FROM", None)
+            env.pop(RESUME_FROM_ENV, None)
             if checkpoint is not None:
-                env["RUNWATCH_RESUME_FROM"] = checkpoint["path"]
+                env[RESUME_FROM_ENV] = checkpoint["path"]
         return env
 
     # -- signals ----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ them natively. JSON cannot, so they travel as the strings ``"NaN"``,
 from __future__ import annotations
 
 import math
+import secrets
+import time
 from typing import Any, NamedTuple
 
 import msgpack
@@ -111,3 +113,12 @@ class Command(NamedTuple):
     args: dict[str, Any]
     at_step: int | None
     source: str
+
+
+def generated_run_name() -> str:
+    """A run name for a run started without one: ``run-YYYYmmdd-HHMMSS-xxxxxx``.
+
+    The collector makes one for an agent that sends none; the agent (rank 0, broadcast to the
+    others) and the supervisor make one first when every process or attempt must share it.
+    """
+    return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(3)

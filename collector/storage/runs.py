@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +13,7 @@ from runwatch.collector.errors import InvalidInput, NotFound
 from runwatch.collector.storage.projects import get_or_create_project
 from runwatch.collector.storage.sql import insert_or_ignore
 from runwatch.collector.storage.tables import projects, run_tags, runs
+from runwatch.wire import generated_run_name
 
 RUN_STATES = ("running", "finished", "failed", "crashed")
 """``running`` until the agent says otherwise; ``crashed`` is for a trainer that died."""
@@ -82,7 +82,7 @@ def create_or_resume(
     run at once both get the same id.
     """
     project_id = get_or_create_project(conn, project)
-    name = check_run_name(name) if name is not None else _generated_name()
+    name = check_run_name(name) if name is not None else generated_run_name()
     clean_tags = check_tags(tags or [])
     now = time.time()
     created = insert_or_ignore(
@@ -211,7 +211,3 @@ def _config_json(config: dict[str, Any]) -> str:
         return orjson.dumps(config).decode()
     except orjson.JSONEncodeError as exc:
         raise InvalidInput(f"config cannot be stored as JSON: {exc}") from None
-
-
-def _generated_name() -> str:
-    return time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
