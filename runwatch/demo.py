@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,7 +35,15 @@ from runwatch.cli import bucket_table, format_number
 from runwatch.client import Client
 from runwatch.collector.server import ServerThread
 from runwatch.settings import Settings
-from runwatch.tinylm import TinyConfig, TinyLM, batches, corpus, loss_of, warmup_cosine
+from runwatch.tinylm import (
+    TinyConfig,
+    TinyLM,
+    batches,
+    corpus,
+    corrupt_batches,
+    loss_of,
+    warmup_cosine,
+)
 
 STEPS = 300
 BATCH = 16
@@ -46,18 +53,6 @@ FAULT_AT = 150
 FAULT_LENGTH = 20
 VERIFY_STEPS = 50
 console = Console(highlight=False)
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def corrupted(stream: Iterator[Batch], start: int | None) -> Iterator[Batch]:
-    """``stream`` with batches ``[start, start + FAULT_LENGTH)`` replaced by random byte ids."""
-    generator = torch.Generator().manual_seed(7)
-    for index, (inputs, targets) in enumerate(stream):
-        if start is not None and start <= index < start + FAULT_LENGTH:
-            inputs = torch.randint(0, 256, inputs.shape, generator=generator)
-            targets = torch.randint(0, 256, targets.shape, generator=generator)
-        yield inputs, targets
 
 
 def train(server: str, steps: int, workdir: Path, fault_at: int | None) -> int:
@@ -85,6 +80,11 @@ def train(server: str, steps: int, workdir: Path, fault_at: int | None) -> int:
         system_interval=1.0,
     ) as run:
         run.watch(model, optimizer, scheduler, checkpoint_every=CHECKPOINT_EVERY)
+        stream = (
+            train_data
+            if fault_at is None
+            else corrupt_batches(train_data, fault_at, FAULT_LENGTH, seed=7)
+        )
         columns = (
             TextColumn("[bold]training"),
             BarColumn(),
@@ -96,9 +96,7 @@ def train(server: str, steps: int, workdir: Path, fault_at: int | None) -> int:
             task = progress.add_task("train", total=steps, loss="-")
             # run.data: the batch boundary where a rollback restores a checkpoint and skips
             # batches of the stream beneath it.
-            for iteration, (inputs, targets) in enumerate(
-                run.data(corrupted(train_data, fault_at))
-            ):
+            for iteration, (inputs, targets) in enumerate(run.data(stream)):
                 loss = loss_of(model, inputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

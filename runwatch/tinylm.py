@@ -105,3 +105,16 @@ def warmup_cosine(
 def loss_of(model: TinyLM, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = model(inputs)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def corrupt_batches(
+    stream: Iterator[tuple[torch.Tensor, torch.Tensor]], start: int, length: int, *, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``stream`` with batches ``[start, start + length)`` replaced by uniformly random byte
+    ids, inputs and targets alike: a corrupted shard, for the demo and the benchmarks."""
+    generator = torch.Generator().manual_seed(seed)
+    for index, (inputs, targets) in enumerate(stream):
+        if start <= index < start + length:
+            inputs = torch.randint(0, 256, inputs.shape, generator=generator)
+            targets = torch.randint(0, 256, targets.shape, generator=generator)
+        yield inputs, targets

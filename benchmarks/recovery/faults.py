@@ -24,13 +24,10 @@ import torch
 from torch import nn
 
 from benchmarks.scenarios.corrupted_batches import corrupt
-from benchmarks.scenarios.loop import Stream
+from benchmarks.scenarios.loop import BeforeUpdate, Stream
 
 ONSET = 200
 """The iteration (or batch position) at which every fault strikes."""
-
-BeforeUpdate = Callable[[int, nn.Module, torch.optim.Optimizer], None]
-"""``(iteration, model, optimizer)``, called between ``backward()`` and ``optimizer.step()``."""
 
 
 @dataclass(frozen=True)

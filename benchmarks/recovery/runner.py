@@ -14,14 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 
-from benchmarks.collector_process import collector_process
 from benchmarks.recovery.faults import FAULTS, ONSET
 from benchmarks.recovery.train import MODES, STEPS, Trace, train
-from benchmarks.scenarios.collector import CHECK_SECONDS, TIME_SCALE, fetch_anomalies
+from benchmarks.scenarios.collector import collector, fetch_anomalies
 from benchmarks.scenarios.runner import machine_line
+from runwatch.client import Client
 
 BAND = 0.10
 """Recovered: the final validation loss within 10 % of the healthy run's."""
@@ -53,16 +52,10 @@ class Result:
 def collectors(workdir: Path) -> Iterator[dict[str, str]]:
     """A collector per agent mode: policy off (``detect``), the default policy (``policy``)."""
     with ExitStack() as stack:
-        urls = {}
-        for mode, policy in (("detect", "off"), ("policy", "default")):
-            env = {
-                "RUNWATCH_DETECTOR_CHECK_SECONDS": CHECK_SECONDS,
-                "RUNWATCH_DETECTOR_TIME_SCALE": TIME_SCALE,
-                "RUNWATCH_POLICY": policy,
-            }
-            db = f"sqlite:///{workdir / f'{mode}.db'}"
-            urls[mode] = stack.enter_context(collector_process(db, workdir / f"{mode}.log", env))
-        yield urls
+        yield {
+            mode: stack.enter_context(collector(workdir, policy=policy, name=mode))
+            for mode, policy in (("detect", "off"), ("policy", "default"))
+        }
 
 
 def recovery(trace: Trace, healthy: Trace) -> tuple[int | None, float | None]:
@@ -83,13 +76,9 @@ def recovery(trace: Trace, healthy: Trace) -> tuple[int | None, float | None]:
     return None, None
 
 
-def run_commands(url: str, run_id: int | None) -> list[dict[str, Any]]:
-    if run_id is None:
-        return []
-    reply = httpx.get(f"{url}/api/v1/runs/{run_id}/commands", params={"limit": 1000}, timeout=30)
-    reply.raise_for_status()
-    body = reply.json()
-    return body["commands"] if isinstance(body, dict) else body
+def run_commands(url: str, run_id: int) -> list[dict[str, Any]]:
+    with Client(url, api_key="") as client:
+        return client.commands(run_id, limit=1000)
 
 
 def measure(fault: str, mode: str, trace: Trace, healthy: Trace, url: str | None, wall: float):

@@ -31,17 +31,21 @@ class NoPipeline(Exception):
     has no detection pipeline (yet)."""
 
 
-def collector(workdir: Path) -> AbstractContextManager[str]:
+def collector(
+    workdir: Path, *, policy: str = "off", name: str = "collector"
+) -> AbstractContextManager[str]:
     """``python -m runwatch server`` on a fresh SQLite file and a free loopback port, with
     ``RUNWATCH_DETECTOR_CHECK_SECONDS=1``, ``RUNWATCH_DETECTOR_TIME_SCALE=0.01`` and
-    ``RUNWATCH_POLICY=off``; yields its URL, stops it on the way out."""
+    ``RUNWATCH_POLICY=policy``; yields its URL, stops it on the way out."""
     env = {
         "RUNWATCH_DETECTOR_CHECK_SECONDS": CHECK_SECONDS,
         "RUNWATCH_DETECTOR_TIME_SCALE": TIME_SCALE,
-        "RUNWATCH_POLICY": "off",  # detection only: an intervention would change the run scored
+        # Off for the scenarios (an intervention would change the run scored); the recovery
+        # benchmark runs the default policy too.
+        "RUNWATCH_POLICY": policy,
     }
-    db = f"sqlite:///{workdir / 'collector.db'}"
-    return collector_process(db, workdir / "collector.log", env)
+    db = f"sqlite:///{workdir / f'{name}.db'}"
+    return collector_process(db, workdir / f"{name}.log", env)
 
 
 def find_run(url: str, name: str, project: str = PROJECT) -> int | None:

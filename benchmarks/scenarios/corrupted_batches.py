@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from benchmarks.scenarios.base import PACE_S, Outcome, Scenario
 from benchmarks.scenarios.loop import Stream, fmt, train_lm
+from runwatch.tinylm import corrupt_batches
 
 if TYPE_CHECKING:
     from runwatch.agent import Run
@@ -21,17 +20,11 @@ if TYPE_CHECKING:
 STEPS = 400
 ONSET = 200
 LENGTH = 20
-VOCAB = 256
 
 
 def corrupt(stream: Stream, onset: int, length: int, seed: int) -> Stream:
     """``stream`` with batches ``[onset, onset + length)`` replaced by random byte ids."""
-    generator = torch.Generator().manual_seed(10_000 + seed)
-    for index, (inputs, targets) in enumerate(stream):
-        if onset <= index < onset + length:
-            inputs = torch.randint(0, VOCAB, inputs.shape, generator=generator)
-            targets = torch.randint(0, VOCAB, targets.shape, generator=generator)
-        yield inputs, targets
+    return corrupt_batches(stream, onset, length, seed=10_000 + seed)
 
 
 def scenario(*, steps: int = STEPS, onset: int = ONSET, pace_s: float = PACE_S) -> Scenario:
