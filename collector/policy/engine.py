@@ -164,6 +164,12 @@ class PolicyEngine:
                 )
 
     def _decide(self, run_id: int, found: list[Found]) -> None:
+        if not any(
+            rule.matches(f.anomaly.kind, f.anomaly.severity, f.anomaly.key, None)
+            for rule in self.policy.rules
+            for f in found
+        ):
+            return  # most anomalies (throughput, memory, drift, ...) concern no rule: no query
         with self.control.store.read() as conn:
             try:
                 run = get_run(conn, run_id)

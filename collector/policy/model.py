@@ -189,13 +189,16 @@ class Rule(_Strict):
         _refuse_rollback(value, "otherwise")
         return value
 
-    def matches(self, kind: str, severity: str, key: str, project: str) -> bool:
+    def matches(self, kind: str, severity: str, key: str, project: str | None) -> bool:
+        """Whether an anomaly so described fires this rule; ``project`` None: any project."""
         return (
             any(fnmatch.fnmatchcase(kind, k) for k in self.kinds)
             and severity in self.severities
             and (self.keys is None or any(fnmatch.fnmatchcase(key, k) for k in self.keys))
             and (
-                self.projects is None or any(fnmatch.fnmatchcase(project, p) for p in self.projects)
+                project is None
+                or self.projects is None
+                or any(fnmatch.fnmatchcase(project, p) for p in self.projects)
             )
         )
 
