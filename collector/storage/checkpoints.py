@@ -154,23 +154,26 @@ def register_checkpoint(
         checkpoints.c.step == step,
         checkpoints.c.wall_time == wall_time,
     )
-    # "Or ignore": a retry, or a retry racing the first attempt, finds its row instead.
-    new = insert_or_ignore(
-        conn,
-        checkpoints,
-        {
-            "run_id": run_id,
-            "step": step,
-            "path": path,
-            "path_key": key,
-            "size_bytes": size_bytes,
-            "wall_time": wall_time,
-            "reason": reason,
-            "command_id": command_id,
-            "created_at": now,
-        },
-    )
-    existing = conn.execute(select(checkpoints.c.id).where(*same)).scalar_one()
+    existing = conn.execute(select(checkpoints.c.id).where(*same)).scalar_one_or_none()
+    new = existing is None
+    if new:  # (a retry inserts nothing: on PostgreSQL even a refused insert spends an id)
+        # "Or ignore": a retry racing the first attempt finds its row instead of failing.
+        new = insert_or_ignore(
+            conn,
+            checkpoints,
+            {
+                "run_id": run_id,
+                "step": step,
+                "path": path,
+                "path_key": key,
+                "size_bytes": size_bytes,
+                "wall_time": wall_time,
+                "reason": reason,
+                "command_id": command_id,
+                "created_at": now,
+            },
+        )
+        existing = conn.execute(select(checkpoints.c.id).where(*same)).scalar_one()
     if new:
         # The file at this path was overwritten: its older records describe nothing any more.
         # After the insert, and never this record: a racing retry must not delete its own row.
