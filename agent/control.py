@@ -116,12 +116,15 @@ class Control:
         self.should_stop = False
         """Set by an applied ``stop``; read by the integrations (and the user)."""
         self.data_boundary = False
-        """Set once a ``run.data`` wrapper is iterated: it takes the rollbacks; without one, the
-        pre-step hook fails them (nothing could move the data iterator)."""
+        """Set once a ``run.data`` wrapper fetches its first batch: it takes the rollbacks;
+        without one, the pre-step hook fails them (nothing could move the data iterator)."""
         self.acks_dropped = 0
         self.registrations_dropped = 0
         self._lock = threading.Lock()
         self._waiting: dict[int, wire.Command] = {}
+        self._applying: set[int] = set()
+        """Taken by :meth:`due`, not yet settled: a redelivery meanwhile must not queue them
+        again (a rollback's step comes round again after it)."""
         self._outcomes: OrderedDict[int, Ack] = OrderedDict()
         self._forgotten = -1
         """The newest id whose outcome was forgotten."""
@@ -150,7 +153,7 @@ class Control:
                 known = self._outcomes.get(command.id)
                 if known is not None:
                     self._queue(known)  # not acknowledged yet, or the ack crossed this reply
-                elif command.id in self._waiting:
+                elif command.id in self._waiting or command.id in self._applying:
                     continue
                 elif command.id <= self._forgotten:
                     self._settle(Ack(command.id, "failed", FORGOTTEN, None))
@@ -179,9 +182,6 @@ class Control:
                     return
             self._queued.discard(ack.command)
 
-    def has_acks(self) -> bool:
-        return bool(self._acks)
-
     def next_registration(self) -> Registration | None:
         """The oldest checkpoint registration to send; queued until :meth:`registration_done`."""
         with self._lock:
@@ -192,8 +192,9 @@ class Control:
         with self._lock, contextlib.suppress(ValueError):
             self._registrations.remove(registration)
 
-    def has_registrations(self) -> bool:
-        return bool(self._registrations)
+    def has_outgoing(self) -> bool:
+        """Whether acknowledgements or checkpoint registrations wait for the sender."""
+        return bool(self._acks or self._registrations)
 
     # -- the training thread --------------------------------------------------------------------
     def due(self, step: int, kinds: Collection[str] | None = None) -> list[wire.Command]:
@@ -215,6 +216,7 @@ class Control:
                 del self._waiting[command.id]
                 if at is None or at == step or self.single_process:
                     ready.append(command)
+                    self._applying.add(command.id)
                 else:
                     detail = f"this rank was at step {step} when it could apply it, past {at}"
                     self._settle(Ack(command.id, "expired", detail, step))
@@ -241,6 +243,8 @@ class Control:
             self._refusing = reason
             for command in self._waiting.values():
                 self._settle(Ack(command.id, "failed", reason, None))
+            for cid in list(self._applying):  # taken when the error struck: never applied
+                self._settle(Ack(cid, "failed", reason, None))
             self._waiting.clear()
             self.busy = False
 
@@ -260,6 +264,7 @@ class Control:
 
     # -- internals ------------------------------------------------------------------------------
     def _settle(self, ack: Ack) -> None:
+        self._applying.discard(ack.command)
         self._outcomes[ack.command] = ack
         while len(self._outcomes) > self.remembered:
             old, _ = self._outcomes.popitem(last=False)

@@ -56,9 +56,9 @@ class FakeCollector:
         self.acks: list[dict[str, Any]] = []
         self.points: list[tuple[int, int, str, float]] = []
         self.fail_acks = 0
+        """Answer this many acknowledgements with 503 first."""
         self.runs: list[dict[str, Any]] = []
         """The bodies of ``POST /api/v1/runs``."""
-        """Answer this many acknowledgements with 503 first."""
         self.checkpoints: list[dict[str, Any]] = []
         """Registered checkpoints, with ``id`` and ``deleted``."""
         self.fail_registrations = 0
@@ -164,12 +164,6 @@ def serving() -> Iterator[FakeCollector]:
     finally:
         collector.server.shutdown()
         collector.server.server_close()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeCollector]:
-    with serving() as collector:
-        yield collector
 
 
 def start(fake: FakeCollector, spool_dir: Path, **options: Any) -> Run:
@@ -317,6 +311,36 @@ def test_a_single_process_applies_a_command_for_a_step_already_past_at_once(
     (ack,) = fake.acks_of(cid)
     assert ack["status"] == "applied" and ack["step"] == 4
     assert fake.runs[0]["world_size"] == 1
+
+
+def test_a_command_redelivered_while_it_is_being_applied_is_not_taken_again() -> None:
+    """The sender thread receives the command again while the training thread applies it (a
+    rollback loading its file): after the rollback the step comes round again, and a second
+    copy waiting for it would roll back a second time (this split two DDP ranks)."""
+    control = Control(single_process=False)
+    command = {"id": 7, "type": "skip_step", "args": {}, "at_step": 9}
+    control.receive([command])
+    assert [c.id for c in control.due(9)] == [7]
+    control.receive([command])  # the reply to a batch sent while it was being applied
+    assert not control.busy
+    control.settle(7, "applied", "step skipped", 9)
+    control.receive([command])
+    assert control.due(9) == [] and not control.busy
+    ack = control.next_ack()
+    assert ack is not None and (ack.command, ack.status) == (7, "applied")
+
+
+def test_a_command_being_applied_when_interventions_fail_is_acked_failed() -> None:
+    control = Control(single_process=False)
+    control.receive([{"id": 8, "type": "skip_step", "args": {}, "at_step": 3}])
+    assert [c.id for c in control.due(3)] == [8]
+    control.refuse_all("interventions off")
+    ack = control.next_ack()
+    assert ack is not None and (ack.command, ack.status, ack.detail) == (
+        8,
+        "failed",
+        "interventions off",
+    )
 
 
 def test_a_rank_of_several_expires_a_command_for_a_step_already_past() -> None:
