@@ -7,14 +7,13 @@ imported when :meth:`Run.watch` is called.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from runwatch.agent.distributed import placement
-from runwatch.agent.options import RESUME_FROM_ENV, Options, resolve
+from runwatch.agent.options import Options, resolve, resume_from
 from runwatch.agent.run import Run
 from runwatch.agent.worker import Stats
 
@@ -120,7 +119,7 @@ class DisabledRun:
 
     def resume_checkpoint(self) -> str | None:
         """``$RUNWATCH_RESUME_FROM``, for a script that loads it itself; else None."""
-        return os.environ.get(RESUME_FROM_ENV) or None
+        return resume_from()
 
     def resume(self) -> int | None:
         """Load nothing (nothing is watched): None."""

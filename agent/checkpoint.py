@@ -21,7 +21,9 @@ training thread never waits for the network). A ``save(path, state)`` hook repla
 Loading. Every rank reads rank 0's file (a shared filesystem), onto the model's device, with
 ``torch.load(weights_only=True)``: a checkpoint path comes from the collector, and a pickle
 would run code. The state is checked against the watched objects (parameter names and shapes,
-optimizer groups) before anything is changed, so a failed load leaves them as they were. The
+optimizer groups) before anything is changed, so a failed load leaves them as they were; one
+they refuse all the same (a ``load_state_dict`` that raises) is undone: the model's state is
+copied to the CPU before the load for that, a transient extra 1x its size in host memory. The
 random generators are restored only on rank 0, whose generators they are: other ranks keep
 their own (per-rank generator states are not saved).
 
@@ -33,6 +35,7 @@ deleted. Files written by a user's ``save`` hook are never deleted by the agent.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 import os
@@ -139,8 +142,9 @@ class Checkpointer:
         if self.rank != 0:
             return None
         started = time.perf_counter()
-        path = self.path(step)
+        path: Path | None = None
         try:
+            path = self.path(step)  # stats files: an unreadable folder fails here
             state = self.state(step)
             if self.save_fn is not None:
                 self.save_fn(str(path), state)
@@ -148,7 +152,8 @@ class Checkpointer:
                 atomic_save(state, path)
             self._written.add(str(path))
         except Exception as exc:
-            raise CheckpointError(f"saving {path} failed: {type(exc).__name__}: {exc}") from exc
+            where = path if path is not None else f"step {step} in {self.directory}"
+            raise CheckpointError(f"saving {where} failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self.seconds += time.perf_counter() - started
         if self.control is not None:
@@ -180,26 +185,66 @@ class Checkpointer:
         self._check(path, state)
         return state
 
-    def apply(self, state: dict[str, Any]) -> int:
-        """Put a :meth:`read` state into the watched objects; its step."""
+    def apply(self, state: dict[str, Any], source: str = "the checkpoint") -> int:
+        """Put a :meth:`read` state (of ``source``, for the message) into the watched objects;
+        its step. Raises :class:`CheckpointError` when one of them refuses its part, with
+        every watched object (and the random generators) put back as it was.
+
+        For that the model's current state is first copied to the CPU (the load writes into
+        its tensors); the optimizer's and the scheduler's are kept by reference (their
+        ``load_state_dict`` replaces their state rather than writing into it)."""
+        try:
+            previous = self._snapshot()
+        except Exception as exc:  # nothing changed yet
+            raise CheckpointError(
+                f"cannot load {source}: cannot keep the current state: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            self._apply(state)
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            try:
+                self._apply(previous)
+            except Exception as again:
+                log.error("runwatch agent: cannot restore the state a load failed on: %r", again)
+                problem += f"; restoring the previous state failed too: {again}"
+            raise CheckpointError(f"cannot load {source}: {problem}") from exc
+        for group in self.optimizer.param_groups:  # a restored state has no gradients yet
+            for p in group["params"]:
+                p.grad = None
+        return int(state["step"])
+
+    def _apply(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         load_scheduler = getattr(self.scheduler, "load_state_dict", None)
         if state.get("scheduler") is not None and callable(load_scheduler):
             load_scheduler(state["scheduler"])
-        for group in self.optimizer.param_groups:  # a restored state has no gradients yet
-            for p in group["params"]:
-                p.grad = None
         if self.rank == 0 and state.get("rng") is not None:
             set_rng_state(state["rng"])
-        return int(state["step"])
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What :meth:`apply` puts back when a load fails half-way."""
+        model = {
+            key: value.detach().to("cpu", copy=True)
+            if isinstance(value, torch.Tensor)
+            else copy.deepcopy(value)
+            for key, value in self.module.state_dict().items()
+        }
+        state_dict = getattr(self.scheduler, "state_dict", None)
+        return {
+            "model": model,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": state_dict() if callable(state_dict) else None,
+            "rng": rng_state() if self.rank == 0 else None,
+        }
 
     def load(self, path: str) -> int:
         """Read ``path`` and put it into the watched objects; its step."""
         started = time.perf_counter()
         try:
-            return self.apply(self.read(path))
+            return self.apply(self.read(path), path)
         finally:
             self.seconds += time.perf_counter() - started
 

@@ -21,6 +21,7 @@ loader would skip evaluation batches. An idle boundary costs one attribute check
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -51,13 +52,10 @@ class Batches(Generic[T]):
         watcher: Callable[[], Watcher | None],
         faults: Faults,
     ) -> None:
-        self._iterator = iter(iterable)
+        self._iterator: Iterator[T] = _Start(iter(iterable), self)
         self._control = control
         self._watcher = watcher
         self._faults = faults
-        self._exhausted = False
-        if not faults.failed(PART_DATA):
-            control.data_boundary = True
 
     def __iter__(self) -> Iterator[T]:
         return self
@@ -65,14 +63,18 @@ class Batches(Generic[T]):
     def __next__(self) -> T:
         if self._control.busy:
             self._boundary()
-            if self._exhausted:
-                raise StopIteration
         return next(self._iterator)
+
+    def _start(self, iterator: Iterator[T]) -> None:
+        """The first batch is fetched: from now on this boundary takes the rollbacks."""
+        self._iterator = iterator
+        if not self._faults.failed(PART_DATA):
+            self._control.data_boundary = True
 
     def _boundary(self) -> None:
         """Take the rollbacks due at this boundary."""
         watcher = self._watcher()
-        if watcher is None or not self._control.data_boundary:
+        if watcher is None or self._faults.failed(PART_DATA):
             return
         due: list[wire.Command] = []
         with swallow_internal(PART_DATA, self._faults):
@@ -103,14 +105,11 @@ class Batches(Generic[T]):
     def _skip(self, n: int) -> str:
         """Drop ``n`` batches; the ack's words for it."""
         skipped = 0
-        if self._exhausted:
-            return ", skipped no batch: the data ran out"
         try:
             for _ in range(n):
                 next(self._iterator)
                 skipped += 1
-        except StopIteration:
-            self._exhausted = True
+        except StopIteration:  # the next fetch raises it again and ends the loop
             return f", skipped {skipped} of {n} batches: the data ran out"
         return f", skipped {n} batches"
 
@@ -118,3 +117,18 @@ class Batches(Generic[T]):
         """Once this boundary failed, the pre-step hook fails rollbacks instead."""
         if self._faults.failed(PART_DATA):
             self._control.data_boundary = False
+
+
+class _Start(Generic[T]):
+    """The iterator of a :class:`Batches` until its first fetch, which starts the boundary and
+    hands the batches their own iterator back: the fetches after it cost nothing more."""
+
+    def __init__(self, iterator: Iterator[T], batches: Batches[T]) -> None:
+        self._iterator = iterator
+        self._batches = weakref.ref(batches)  # no cycle: a dropped loader goes at once
+
+    def __next__(self) -> T:
+        batches = self._batches()
+        if batches is not None:
+            batches._start(self._iterator)
+        return next(self._iterator)

@@ -290,6 +290,8 @@ class Watcher:
         self._act_rows: list[torch.Tensor] = []
         self._act_slots: list[int] = []
         self.checkpointer = checkpointer
+        self._checkpoint_seen = self._checkpoint_seconds()
+        """``checkpointer.seconds`` already left out of the timings (or never to be)."""
         self._iv = Interventions(
             optimizer,
             sink,
@@ -341,18 +343,14 @@ class Watcher:
     # -- checkpoints (the training thread, between steps) --------------------------------------
     def checkpoint(self, reason: str) -> str | None:
         """Save the state now (rank 0: the path); raises ``CheckpointError``."""
-        spent = self._checkpoint_seconds()
-        try:
-            return self._iv.save_checkpoint(self.next_step, reason)
-        finally:
-            self._exclude(self._checkpoint_seconds() - spent)
+        return self._iv.save_checkpoint(self.next_step, reason)  # its time: _left_out
 
     def rollback(self, args: Mapping[str, Any], step: int) -> str:
         """Load ``args["path"]`` and continue from its step; then the rollback's learning rate
         cut. The detail for the ack; raises ``CheckpointError`` with nothing changed."""
         if self.checkpointer is None:
             raise CheckpointError(NO_CHECKPOINTER)
-        target = self.checkpointer.load(args["path"])
+        target = self._load(args["path"])
         self.restart_at(target)
         detail = f"rolled back to step {target}"
         if args.get("checkpoint") is not None:
@@ -369,11 +367,25 @@ class Watcher:
         """Load ``path`` and continue from its step (raises ``CheckpointError``); the step."""
         if self.checkpointer is None:
             raise CheckpointError(NO_CHECKPOINTER)
-        step = self.checkpointer.load(path)
+        step = self._load(path)
         self.restart_at(step)
         if self.primary:
             self.sink.put_scalars(step, {"control/resumed": float(step)}, CRITICAL)
         return step
+
+    def _load(self, path: str) -> int:
+        """Load ``path`` into the watched objects (raises ``CheckpointError``); its step.
+
+        First what a step that raised between its pre- and post-step hooks left in force is
+        undone (a scaled learning rate): undone after the load, it would overwrite the loaded
+        learning rates with stale ones."""
+        assert self.checkpointer is not None
+        self._iv.cleanup()
+        spent = self.checkpointer.seconds
+        try:
+            return self.checkpointer.load(path)
+        finally:  # a load's time is no step's: the step timings start again after it
+            self._checkpoint_seen += self.checkpointer.seconds - spent
 
     def restart_at(self, step: int) -> None:
         """The watched objects now hold ``step`` updates: the next update is ``step``."""
@@ -413,6 +425,7 @@ class Watcher:
             return
         with swallow_internal(PART_STEP, self.faults):
             if self._forward_t is None:
+                self._left_out()
                 self._forward_t = time.perf_counter()
             batch = _first_tensor(args, kwargs)
             if batch is not None and batch.dim():
@@ -433,12 +446,10 @@ class Watcher:
         if self._done:
             with swallow_internal(PART_COUNTER, self.faults):
                 self._advance()
-        if self._iv.pre_step or self.control.busy:
-            spent = self._checkpoint_seconds()
+        if self._step >= self._iv.pre_step_at or self.control.busy:
             with swallow_internal(PART_CONTROL, self.faults):
-                self._iv.before_step(self._step)
+                self._iv.before_step(self._step)  # its checkpoints' time: see _left_out
             self._check(PART_CONTROL)
-            self._exclude(self._checkpoint_seconds() - spent)
         closure = kwargs.get("closure", args[0] if args else None)
         if not callable(closure):
             self._measure_gradients()
@@ -532,6 +543,18 @@ class Watcher:
     def _checkpoint_seconds(self) -> float:
         return self.checkpointer.seconds if self.checkpointer is not None else 0.0
 
+    def _left_out(self) -> None:
+        """Leave the checkpoints saved since the last call out of the step's timings.
+
+        Called once per step at each end of the forward-to-step span (the first training
+        forward, the post-step hook): a save before the forward (``run.checkpoint`` between
+        steps, the pre-step hook of a closure-driven optimizer) is left out of ``data_wait``
+        and ``step_time``, a save after it (the pre-step hook) out of ``step_time`` alone."""
+        seconds = self._checkpoint_seconds()
+        if seconds != self._checkpoint_seen:
+            self._exclude(seconds - self._checkpoint_seen)
+            self._checkpoint_seen = seconds
+
     def _exclude(self, seconds: float) -> None:
         """Leave ``seconds`` (a checkpoint's save) out of the current step's timings."""
         if seconds > 0:
@@ -624,6 +647,7 @@ class Watcher:
 
     def _record_timing(self) -> None:
         now = time.perf_counter()
+        self._left_out()
         start = self._last_step_t if self._last_step_t is not None else self._forward_t
         if start is not None:
             elapsed = now - start

@@ -59,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +82,9 @@ NEEDS_DATA = (
     "wrap the training batches: for batch in run.data(loader): ..."
 )
 NO_CHECKPOINTER = "no checkpointer: watch the model with run.watch(...) to save checkpoints"
+
+NEVER = sys.maxsize
+"""``pre_step_at`` when no step's pre-step hook has work (no step gets that far)."""
 
 EPS = 1e-6
 """Added to the norm in the clip coefficient, as ``torch.nn.utils.clip_grad_norm_`` does."""
@@ -162,7 +166,9 @@ class Interventions:
 
     ``acting`` is what the watcher checks in its hooks (with ``control.busy`` and
     ``skip_nonfinite``): False while nothing is in force, so an idle step pays one check;
-    ``pre_step`` likewise for the pre-step hook (also True with ``checkpoint_every``).
+    ``pre_step_at`` likewise for the pre-step hook: the first step whose pre-step hook has work
+    (0 while something is in force, the next routine checkpoint's step with
+    ``checkpoint_every``, else :data:`NEVER`), so an idle step pays one integer comparison.
     """
 
     def __init__(
@@ -177,8 +183,10 @@ class Interventions:
         checkpoint_every: int | None = None,
         start_step: int = 0,
     ) -> None:
-        if checkpoint_every is not None and checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be >= 1 (or None), not {checkpoint_every}")
+        if checkpoint_every is not None and (
+            type(checkpoint_every) is not int or checkpoint_every < 1
+        ):
+            raise ValueError(f"checkpoint_every must be an integer >= 1, not {checkpoint_every!r}")
         self.optimizer = optimizer
         self.sink = sink
         self.control = control
@@ -187,7 +195,7 @@ class Interventions:
         self.checkpointer = checkpointer
         self.checkpoint_every = checkpoint_every if checkpointer is not None else None
         self.acting = False
-        self.pre_step = False
+        self.pre_step_at = NEVER
         self._save_at: int | None = None
         self._saved_at: int | None = None
         self._lr_factor = 1.0
@@ -278,6 +286,12 @@ class Interventions:
         self._lr_factor, self._lr_left = factor, steps
         self._update()
 
+    def cleanup(self) -> None:
+        """Undo what a step that never reached its post-step hook left (it raised): the
+        learning rate it scaled, a ``found_inf`` flag. What is in force stays in force."""
+        self._cleanup()
+        self._update()
+
     def restarted(self, step: int) -> None:
         """The state is now that of ``step`` (a start, resume or rollback): plan the routine
         checkpoints after it."""
@@ -323,13 +337,14 @@ class Interventions:
         elif command.type == "stop":
             reason = args.get("reason") or "no reason given"
             detail = f"stop requested: {reason}"
-            if self.checkpointer is not None:
-                try:
+            try:  # the stop holds whatever becomes of its checkpoint
+                if self.checkpointer is not None:
                     path = self.save_checkpoint(step, f"stop: {reason}", command.id)
                     detail = f"{detail}; {_saved(step, path)}"
-                except CheckpointError as exc:
-                    detail = f"{detail}; checkpoint failed: {exc}"
-            self.control.should_stop = True
+            except CheckpointError as exc:
+                detail = f"{detail}; checkpoint failed: {exc}"
+            finally:
+                self.control.should_stop = True
         elif command.type == "rollback":
             self.control.settle(command.id, "failed", NEEDS_DATA, step)
             return
@@ -427,7 +442,10 @@ class Interventions:
         self.acting = bool(
             self._lr_left or self._clip is not None or self._skip or self._found_inf_set
         )
-        self.pre_step = self.acting or self._save_at is not None
+        if self.acting:
+            self.pre_step_at = 0
+        else:
+            self.pre_step_at = NEVER if self._save_at is None else self._save_at
 
     def _record(self, step: int, values: dict[str, Any]) -> None:
         if self.primary:

@@ -18,6 +18,12 @@ RESUME_FROM_ENV = "RUNWATCH_RESUME_FROM"
 """The checkpoint a restarted trainer resumes from (set by ``runwatch supervise``)."""
 
 
+def resume_from() -> str | None:
+    """The checkpoint this process should resume from: ``$RUNWATCH_RESUME_FROM``, else None
+    (what ``run.resume_checkpoint()`` says, enabled or not)."""
+    return os.environ.get(RESUME_FROM_ENV) or None
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 

@@ -29,7 +29,7 @@ from runwatch.agent.buffer import CRITICAL, PointBuffer
 from runwatch.agent.control import Control
 from runwatch.agent.data import Batches
 from runwatch.agent.distributed import Placement, agreed_name, local_gpu
-from runwatch.agent.options import RESUME_FROM_ENV, Options
+from runwatch.agent.options import Options, resume_from
 from runwatch.agent.safety import FAULTS, Faults, swallow_internal
 from runwatch.agent.worker import Sender, Stats
 
@@ -206,17 +206,13 @@ class Run:
 
         if self._finished or self._pid != os.getpid():
             return
-        if checkpoint_every is not None and (
-            type(checkpoint_every) is not int or checkpoint_every < 1
-        ):
-            raise ValueError(f"checkpoint_every must be an integer >= 1, not {checkpoint_every!r}")
         checkpointer = Checkpointer(
             model,
             optimizer,
             scheduler,
             directory=self.options.checkpoint_dir / folder_name(self.name),
             rank=self.rank,
-            control=self._control if self.rank == 0 else None,
+            control=self._control,  # used by rank 0 alone: the others save nothing
             keep=self.options.keep_checkpoints,
             save=save,
             load=load,
@@ -271,7 +267,7 @@ class Run:
     def resume_checkpoint(self) -> str | None:
         """The checkpoint this process should resume from: ``$RUNWATCH_RESUME_FROM`` (set by
         ``runwatch supervise`` when it restarts a trainer), else None."""
-        return os.environ.get(RESUME_FROM_ENV) or None
+        return resume_from()
 
     def resume(self) -> int | None:
         """Load :meth:`resume_checkpoint` into the watched objects (call after :meth:`watch`)

@@ -28,15 +28,15 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
 from runwatch import wire
 from runwatch.agent.buffer import PointBuffer, Record
-from runwatch.agent.control import Control
+from runwatch.agent.control import Control, Registration
 from runwatch.agent.options import Options, default_spool_dir
 from runwatch.agent.safety import FAULTS, Faults, swallow_internal
 from runwatch.agent.spool import Spool, point_count
@@ -51,6 +51,9 @@ DELIVER_SLICE = 0.5
 OUTBOX_MAX_BYTES = 64 * 2**20
 """Encoded batches held in memory before spilling to the spool even inside the retry window."""
 MAX_KNOWN_KEYS = 100_000
+
+Q = TypeVar("Q")
+"""An item of a control queue: an acknowledgement or a checkpoint registration."""
 
 
 @dataclass(slots=True)
@@ -97,8 +100,8 @@ class Sender:
         self.name = name
         self.rank = rank
         self.owns_run = owns_run
-        self.world_size = world_size
         """Whether this rank marks the run finished (rank 0 does; the others only stop)."""
+        self.world_size = world_size
         self.faults = faults
         self.control = control
         """Where the commands of ingest replies go, and its acknowledgements come from."""
@@ -176,10 +179,7 @@ class Sender:
 
     def _drained(self) -> bool:
         empty = not self.buffer.pending() and not self._outbox and not self._spool
-        control = self.control
-        empty = empty and not (
-            control is not None and (control.has_acks() or control.has_registrations())
-        )
+        empty = empty and not (self.control is not None and self.control.has_outgoing())
         return empty and (self.run_id is not None or self._gave_up is not None)
 
     # -- the thread ---------------------------------------------------------------------------
@@ -200,9 +200,8 @@ class Sender:
     def _sleep(self) -> float:
         now = time.monotonic()
         wake = now + self.options.flush_interval
-        control = self.control
-        acks = control is not None and (control.has_acks() or control.has_registrations())
-        if self._outbox or self._spool or self.run_id is None or acks:
+        outgoing = self.control is not None and self.control.has_outgoing()
+        if self._outbox or self._spool or self.run_id is None or outgoing:
             wake = min(wake, max(self._retry_at, now + 0.01))
         return max(0.0, wake - now)
 
@@ -230,9 +229,8 @@ class Sender:
                 time.monotonic() - self._last_send >= self.options.heartbeat_interval
             ):
                 self._heartbeat()
-            if self.control is not None and self.control.has_acks():
+            if self.control is not None and self.control.has_outgoing():
                 self._send_acks()
-            if self.control is not None and self.control.has_registrations():
                 self._send_registrations()
         if self._failing_since is not None and (
             final or time.monotonic() - self._failing_since >= self.options.retry_window
@@ -417,51 +415,74 @@ class Sender:
             self.control.receive(outcome.reply.get("commands"))
 
     def _send_acks(self) -> None:
-        """Post queued acknowledgements, oldest first; a retryable failure backs off as a batch
-        does and keeps the rest queued."""
-        assert self.control is not None and self.run_id is not None
-        while (ack := self.control.next_ack()) is not None:
-            now = time.monotonic()
-            if now < self._retry_at or now >= self._deadline:
-                return
-            outcome = self._transport.ack(
-                ack.command, ack.body(self.run_id, self.rank), timeout=self._time_left()
-            )
-            if outcome.retry:
-                self._failed(outcome, time.monotonic())
-                return
-            self.control.ack_done(ack)
-            if outcome.ok:
-                self._failing_since = None
-                self._backoff = BACKOFF_START
-            else:
-                detail = f"collector refused the acknowledgement of command {ack.command}"
-                self._warn("ack_refused", f"{detail}: {outcome.detail}")
+        """Post queued acknowledgements (see :meth:`_send_queued`)."""
+        control, run = self.control, self.run_id
+        assert control is not None and run is not None
+        self._send_queued(
+            control.next_ack,
+            lambda ack: self._transport.ack(
+                ack.command, ack.body(run, self.rank), timeout=self._time_left()
+            ),
+            control.ack_done,
+            refused=lambda ack: (
+                "ack_refused",
+                f"collector refused the acknowledgement of command {ack.command}",
+            ),
+        )
 
     def _send_registrations(self) -> None:
-        """Register saved checkpoints, oldest first, as :meth:`_send_acks` does; the reply's
-        ``prune`` list goes to the registration's ``on_reply`` (which deletes files)."""
-        assert self.control is not None and self.run_id is not None
-        while (registration := self.control.next_registration()) is not None:
+        """Register saved checkpoints (see :meth:`_send_queued`); the reply's ``prune`` list
+        goes to the registration's ``on_reply`` (which deletes files)."""
+        control, run = self.control, self.run_id
+        assert control is not None and run is not None
+        self._send_queued(
+            control.next_registration,
+            lambda registration: self._transport.register_checkpoint(
+                run, registration.body, timeout=self._time_left()
+            ),
+            control.registration_done,
+            refused=lambda registration: (
+                "checkpoint_refused",
+                f"collector refused checkpoint {registration.body.get('path')}",
+            ),
+            delivered=self._registered,
+        )
+
+    def _registered(self, registration: Registration, reply: Any) -> None:
+        if registration.on_reply is not None:
+            with swallow_internal("checkpoint retention", self.faults):
+                registration.on_reply(reply)
+
+    def _send_queued(
+        self,
+        peek: Callable[[], Q | None],
+        post: Callable[[Q], Outcome],
+        done: Callable[[Q], None],
+        *,
+        refused: Callable[[Q], tuple[str, str]],
+        delivered: Callable[[Q, Any], None] | None = None,
+    ) -> None:
+        """Post the items of a control queue, oldest first: ``peek`` the oldest, ``post`` it,
+        take it off (``done``) once delivered (``delivered(item, reply)``) or refused for good
+        (warned once per ``refused(item)`` reason). A retryable failure backs off as a batch
+        does and keeps the rest queued; past :meth:`close`'s deadline nothing is posted."""
+        while (item := peek()) is not None:
             now = time.monotonic()
             if now < self._retry_at or now >= self._deadline:
                 return
-            outcome = self._transport.register_checkpoint(
-                self.run_id, registration.body, timeout=self._time_left()
-            )
+            outcome = post(item)
             if outcome.retry:
                 self._failed(outcome, time.monotonic())
                 return
-            self.control.registration_done(registration)
+            done(item)
             if outcome.ok:
                 self._failing_since = None
                 self._backoff = BACKOFF_START
-                if registration.on_reply is not None:
-                    with swallow_internal("checkpoint retention", self.faults):
-                        registration.on_reply(outcome.reply)
+                if delivered is not None:
+                    delivered(item, outcome.reply)
             else:
-                detail = f"collector refused checkpoint {registration.body.get('path')}"
-                self._warn("checkpoint_refused", f"{detail}: {outcome.detail}")
+                reason, detail = refused(item)
+                self._warn(reason, f"{detail}: {outcome.detail}")
 
     def _succeeded(self) -> None:
         self._failing_since = None

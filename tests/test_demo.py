@@ -34,8 +34,10 @@ def test_demo_trains_under_the_agent_and_reports_what_was_recorded(
 def test_demo_fault_is_detected_rolled_back_and_the_run_ends_healthy(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The full ``make demo``: 20 garbage batches at batch 150 of 300 steps."""
-    demo.main(["--workdir", str(tmp_path / "demo")])
+    """``make demo``: 20 garbage batches at batch 150, with 300 more steps (150 in the demo)
+    for detection and delivery on a loaded machine: a rollback that arrives after the last
+    step is never applied."""
+    demo.main(["--workdir", str(tmp_path / "demo"), "--steps", "450"])
     out = capsys.readouterr().out
     assert "what happened" in out and "rollback" in out
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'demo' / 'runwatch.db'}")

@@ -1,5 +1,6 @@
-"""Agent fixtures: a collector that can be killed and restarted, and a check that the agent
-swallowed no internal error a test did not ask for."""
+"""Agent fixtures: a collector that can be killed and restarted, a fake collector for the
+control channel, and a check that the agent swallowed no internal error a test did not ask
+for."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
 from runwatch.agent.safety import FAULTS
+
+if TYPE_CHECKING:
+    from tests.agent.test_control import FakeCollector
 
 STARTUP_TIMEOUT = 30.0
 
@@ -31,6 +36,15 @@ def no_internal_errors() -> Iterator[None]:
 @pytest.fixture
 def spool_dir(tmp_path: Path) -> Path:
     return tmp_path / "spool"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeCollector]:
+    """A fake collector on loopback (:class:`tests.agent.test_control.FakeCollector`)."""
+    from tests.agent.test_control import serving  # not at the top: that module imports this one
+
+    with serving() as collector:
+        yield collector
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
-from collections.abc import Iterator
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,11 @@ from torch import nn
 
 import runwatch
 from runwatch.agent import DisabledRun
+from runwatch.agent import control as control_module
 from runwatch.agent.checkpoint import Checkpointer, CheckpointError, folder_name
 from runwatch.agent.control import Control
 from runwatch.agent.options import RESUME_FROM_ENV
-from tests.agent.test_control import FakeCollector, backward, mlp, params, serving, start
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeCollector]:
-    with serving() as collector:
-        yield collector
+from tests.agent.test_control import FakeCollector, backward, mlp, params, start
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, steps: range) -> None:
@@ -185,8 +180,9 @@ def test_user_hooks_replace_torch_save_and_load_and_their_files_are_never_pruned
 
 
 def test_registrations_queue_without_waiting_and_drop_the_oldest_beyond_the_bound(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(control_module, "MAX_REGISTRATIONS", 2)
     control = Control()
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -200,7 +196,75 @@ def test_registrations_queue_without_waiting_and_drop_the_oldest_beyond_the_boun
     assert body["reason"] == "r" * 500
     rank1 = Checkpointer(model, optimizer, directory=tmp_path / "r1", control=control, rank=1)
     assert rank1.save(4) is None and not (tmp_path / "r1").exists()
+    for step in (5, 6, 7):
+        checkpointer.save(step)
+    queued = []
+    while (registration := control.next_registration()) is not None:
+        queued.append(registration.body["step"])
+        control.registration_done(registration)
+    assert queued == [6, 7] and control.registrations_dropped == 2  # 4 and 5 went
+
+
+def test_a_run_folder_is_its_name_or_a_safe_and_unique_form_of_it() -> None:
     assert folder_name("exp/a b") != folder_name("exp_a_b") and folder_name("run-1") == "run-1"
+
+
+def test_a_folder_whose_files_cannot_be_looked_up_fails_the_save_with_a_checkpoint_error(
+    tmp_path: Path,
+) -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    folder = tmp_path / ("x" * 300)  # too long a name: even stat fails
+    checkpointer = Checkpointer(model, optimizer, directory=folder)
+    with pytest.raises(CheckpointError, match=r"saving step 4 in .*x failed: OSError: .*too long"):
+        checkpointer.save(4)
+
+
+def broken_on_request(part: str) -> Any:
+    """A ``load`` hook: the file's state, with ``part`` spoiled when the path ends in
+    ``#broken`` (past the agent's checks: the watched object itself refuses it)."""
+
+    def load(path: str) -> dict[str, Any]:
+        state = torch.load(path.removesuffix("#broken"), weights_only=True)
+        if path.endswith("#broken"):
+            if part == "optimizer":
+                state["optimizer"] = {**state["optimizer"], "state": "spoiled"}
+            elif part == "scheduler":
+                state["scheduler"] = "spoiled"
+            else:
+                state["rng"] = {**state["rng"], "python": "spoiled"}
+        return state
+
+    return load
+
+
+@pytest.mark.parametrize("part", ["optimizer", "scheduler", "rng"])
+def test_a_state_a_watched_object_refuses_leaves_every_object_as_it_was(
+    tmp_path: Path, part: str
+) -> None:
+    model, optimizer, scheduler = setup()
+    checkpointer = Checkpointer(
+        model, optimizer, scheduler, directory=tmp_path, load=broken_on_request(part)
+    )
+    train(model, optimizer, scheduler, range(3))
+    path = checkpointer.save(3)
+    assert path is not None
+    train(model, optimizer, scheduler, range(3, 5))
+    before, lr, epoch = params(model), optimizer.param_groups[0]["lr"], scheduler.last_epoch
+    exp_avg = [optimizer.state[p]["exp_avg"].clone() for p in model.parameters()]
+    generators = torch.get_rng_state(), random.getstate(), numpy.random.get_state()
+    with pytest.raises(CheckpointError, match=rf"cannot load {re.escape(path)}#broken: \w+Error"):
+        checkpointer.load(f"{path}#broken")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert optimizer.param_groups[0]["lr"] == lr and scheduler.last_epoch == epoch == 5
+    for p, moment in zip(model.parameters(), exp_avg, strict=True):
+        assert torch.equal(optimizer.state[p]["exp_avg"], moment) and p.grad is not None
+    got = draws()
+    torch.set_rng_state(generators[0])
+    random.setstate(generators[1])
+    numpy.random.set_state(generators[2])
+    assert got == draws()
+    assert checkpointer.load(path) == 3 and scheduler.last_epoch == 3  # a sound one still loads
 
 
 # -- through the run ------------------------------------------------------------------------------
@@ -274,6 +338,31 @@ def test_a_checkpoint_command_saves_the_state_after_its_step_updates(
         (4, "before lr change", cid),
         (6, "stop: done", cid + 1),
     ]
+
+
+def test_a_stop_whose_checkpoint_cannot_be_saved_still_stops(
+    fake: FakeCollector, spool_dir: Path, tmp_path: Path
+) -> None:
+    run = start(fake, spool_dir, checkpoint_dir=tmp_path / ("x" * 300))
+    model, optimizer, scheduler = setup()
+    run.watch(model, optimizer, scheduler, layer_every=0, activation_every=0)
+    cid = fake.issue("stop", {"reason": "done"}, at_step=2)
+    run.log({"sync": 1.0})
+    assert run.flush(10)
+    for step in range(10):
+        optimizer.zero_grad()
+        backward(model, step)
+        optimizer.step()
+        scheduler.step()
+        if run.should_stop:
+            break
+    assert step == 2
+    assert run.flush(10)
+    run.finish()
+    (ack,) = fake.acks_of(cid)
+    assert (ack["status"], ack["step"]) == ("applied", 2)
+    assert ack["detail"].startswith("stop requested: done; checkpoint failed: saving step 2 in ")
+    assert "File name too long" in ack["detail"]
 
 
 def test_resume_loads_the_checkpoint_named_by_the_environment(

@@ -12,6 +12,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +27,10 @@ from runwatch.agent.activations import (
     auto_activation_modules,
 )
 from runwatch.agent.buffer import CRITICAL, DETAIL, SYSTEM
+from runwatch.agent.checkpoint import Checkpointer
+from runwatch.agent.control import Control
 from runwatch.agent.hooks import Watcher
+from runwatch.agent.interventions import Interventions
 from runwatch.agent.safety import Faults
 
 VOCAB = 50
@@ -527,3 +531,111 @@ def test_remove_leaves_no_hooks(faults: Faults) -> None:
     for _ in range(10):
         train_step(model, optimizer, token_batch())
     assert len(sink.puts) == n
+
+
+# -- checkpoints and the hooks -------------------------------------------------------------------
+
+SAVE_SECONDS = 0.2
+
+
+@pytest.mark.parametrize("closure", [False, True], ids=["plain", "closure"])
+def test_checkpoint_time_is_left_out_of_the_step_timings(
+    tmp_path: Path, faults: Faults, closure: bool
+) -> None:
+    saved: list[str] = []
+
+    def slow_save(path: str, state: dict[str, Any]) -> None:
+        time.sleep(SAVE_SECONDS)
+        saved.append(path)
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpointer = Checkpointer(model, optimizer, directory=tmp_path, save=slow_save)
+    sink = CapturingSink()
+    watcher = Watcher(
+        model,
+        optimizer,
+        sink,
+        layer_every=0,
+        activation_every=0,
+        checkpointer=checkpointer,
+        checkpoint_every=2,
+        faults=faults,
+    )
+    for step in range(6):
+        time.sleep(0.003)  # the data loader
+        x = mlp_batch()
+        optimizer.zero_grad()
+        if closure:  # the forward runs inside step(), after the pre-step hook saved
+            optimizer.step(lambda x=x: loss_of(model, x).backward())
+        else:
+            loss_of(model, x).backward()
+            optimizer.step()
+        if step == 2:
+            watcher.checkpoint("between steps")
+    assert len(saved) == 3  # steps 2 and 4, and the one between steps 2 and 3
+    step_time, wait = sink.series("train/step_time"), sink.series("train/data_wait")
+    assert list(step_time) == list(range(6)) and list(wait) == list(range(1, 6))
+    assert all(0 < v < SAVE_SECONDS for v in step_time.values()), step_time
+    assert all(0.003 <= v < SAVE_SECONDS for v in wait.values()), wait
+
+
+def test_an_idle_step_with_routine_checkpoints_leaves_the_pre_step_work_alone(
+    tmp_path: Path, faults: Faults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    called: list[int] = []
+    before_step = Interventions.before_step
+
+    def spy(self: Interventions, step: int) -> None:
+        called.append(step)
+        before_step(self, step)
+
+    monkeypatch.setattr(Interventions, "before_step", spy)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpointer = Checkpointer(model, optimizer, directory=tmp_path)
+    watcher = Watcher(
+        model,
+        optimizer,
+        CapturingSink(),
+        checkpointer=checkpointer,
+        checkpoint_every=4,
+        faults=faults,
+    )
+    for _ in range(10):
+        train_step(model, optimizer, mlp_batch())
+    assert called == [4, 8]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-000000004.pt",
+        "step-000000008.pt",
+    ]
+    assert watcher.step == 9
+
+
+@pytest.mark.parametrize("how", ["rollback", "resume"])
+def test_a_load_after_a_step_that_raised_keeps_the_loaded_learning_rate(
+    tmp_path: Path, faults: Faults, how: str
+) -> None:
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpointer = Checkpointer(model, optimizer, directory=tmp_path)
+    control = Control(single_process=True)
+    watcher = Watcher(
+        model, optimizer, CapturingSink(), control=control, checkpointer=checkpointer, faults=faults
+    )
+    path = watcher.checkpoint("lr 0.1")
+    assert path is not None
+    optimizer.param_groups[0]["lr"] = 0.02  # a scheduler's decay
+    control.receive([{"id": 1, "type": "lr_scale", "args": {"factor": 0.5, "steps": 3}}])
+
+    def failing_closure() -> None:
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):  # after the pre-step hook, before the post-step one
+        optimizer.step(failing_closure)
+    assert optimizer.param_groups[0]["lr"] == 0.01
+    if how == "rollback":
+        watcher.rollback({"path": path, "lr_factor": 1.0, "lr_steps": 1}, watcher.next_step)
+    else:
+        assert watcher.resume(path) == 0
+    assert optimizer.param_groups[0]["lr"] == 0.1  # the checkpoint's, not the stale 0.02

@@ -23,22 +23,16 @@ import runwatch
 from runwatch.agent.interventions import NEEDS_DATA
 from runwatch.agent.run import Run
 from tests.agent.conftest import free_port
+from tests.agent.test_checkpoint import broken_on_request
 from tests.agent.test_control import (
     FakeCollector,
     backward,
     deliver,
     mlp,
     params,
-    serving,
     start,
 )
 from tests.conftest import Collector, start_collector
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeCollector]:
-    with serving() as collector:
-        yield collector
 
 
 def watched(run: Run, every: int = 5) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
@@ -172,6 +166,72 @@ def test_a_rollback_without_run_data_fails_at_its_step_and_changes_nothing(
     run.finish()
     (ack,) = fake.acks_of(cid)
     assert (ack["status"], ack["step"], ack["detail"]) == ("failed", 7, NEEDS_DATA)
+
+
+def test_a_data_wrapper_never_iterated_leaves_rollbacks_to_the_pre_step_hook(
+    fake: FakeCollector, spool_dir: Path, tmp_path: Path
+) -> None:
+    run = start(fake, spool_dir)
+    model, optimizer, scheduler = watched(run)
+    unused = run.data(range(10))  # made, but the loop iterates something else
+    path = tmp_path / "checkpoints" / "control" / "step-000000005.pt"
+    cid = fake.issue("rollback", rollback_args(path, 5, skip_batches=2), at_step=7)
+    deliver(run)
+    for i in range(9):
+        optimizer.zero_grad()
+        backward(model, i)
+        optimizer.step()
+        scheduler.step()
+        deliver(run)
+    run.finish()
+    (ack,) = fake.acks_of(cid)
+    assert (ack["status"], ack["step"], ack["detail"]) == ("failed", 7, NEEDS_DATA)
+    assert list(unused) == list(range(10))
+
+
+def test_a_rollback_the_optimizer_or_scheduler_refuses_changes_nothing_and_a_later_one_applies(
+    fake: FakeCollector, spool_dir: Path, tmp_path: Path
+) -> None:
+    run = start(fake, spool_dir)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    run.watch(
+        model,
+        optimizer,
+        scheduler,
+        layer_every=0,
+        activation_every=0,
+        checkpoint_every=5,
+        load=broken_on_request("scheduler"),
+    )
+    path = tmp_path / "checkpoints" / "control" / "step-000000005.pt"
+    bad = fake.issue("rollback", rollback_args(Path(f"{path}#broken"), 5), at_step=7)
+    good = fake.issue("rollback", rollback_args(path, 5), at_step=9)
+    deliver(run)
+    seen, fetched = loop(run, model, optimizer, scheduler, range(14))
+    run.finish()
+
+    assert seen == [(i, i) for i in range(9)] + [(i, i - 4) for i in range(9, 14)]
+    (ack,) = fake.acks_of(bad)
+    assert (ack["status"], ack["step"]) == ("failed", 7)
+    assert ack["detail"].startswith(f"rollback: cannot load {path}#broken: ValueError")
+    (ack,) = fake.acks_of(good)
+    assert (ack["status"], ack["step"]) == ("applied", 9)
+    assert fake.series("control/rollback") == {9: 5.0}
+    # Untouched by the failed one: the model as a plain loop leaves it, the schedule going on.
+    ref = mlp()
+    ref_optimizer = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    ref_scheduler = torch.optim.lr_scheduler.StepLR(ref_optimizer, step_size=4, gamma=0.5)
+    for i in range(7):
+        ref_optimizer.zero_grad()
+        backward(ref, i)
+        ref_optimizer.step()
+        ref_scheduler.step()
+    assert all(torch.equal(a, b) for a, b in zip(fetched[7], ref.parameters(), strict=True))
+    assert fake.series("train/lr")[7] == 0.05 and fake.series("train/lr")[8] == 0.025
+    saved = torch.load(path, weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(fetched[9], saved["model"].values(), strict=True))
 
 
 @pytest.mark.parametrize("fault", ["missing", "corrupt"])
