@@ -10,18 +10,22 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import runwatch
+from runwatch.alerting.config import AlertingConfig
 from runwatch.api.auth import KeyCache
-from runwatch.api.routes import anomalies, checkpoints, commands, series
+from runwatch.api.routes import alert_hooks, anomalies, checkpoints, commands, series
 from runwatch.api.routes import runs as run_queries
 from runwatch.collector import error_handlers
+from runwatch.collector.alerts import Alerter
 from runwatch.collector.control import ControlChannel
 from runwatch.collector.limits import BodyLimit
+from runwatch.collector.notifiers import build_notifiers, link_secret
 from runwatch.collector.pipeline import DetectionPipeline
 from runwatch.collector.policy.engine import PolicyEngine
 from runwatch.collector.policy.model import policy_from_setting
 from runwatch.collector.routes import health, ingest
 from runwatch.collector.routes import runs as run_lifecycle
 from runwatch.collector.storage import migrate
+from runwatch.collector.storage.anomalies import Found
 from runwatch.collector.storage.keys import any_active_key
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.writer import BatchWriter
@@ -40,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
     """Build the app; the database is migrated to the newest schema when it starts."""
     telemetry = Telemetry()
     policy = policy_from_setting(settings.policy)  # checked by Settings: loads again here
+    alerting = AlertingConfig() if policy is None else policy.alerting
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,7 +59,24 @@ def create_app(settings: Settings) -> FastAPI:
             checkpoint_window=checkpoints.window_of(settings),
         )
         control.load()
-        policy_engine = None if policy is None else PolicyEngine(policy, control, telemetry)
+        app.state.alerter = alerter = Alerter(
+            store,
+            alerting,
+            build_notifiers(alerting, settings),
+            telemetry,
+            secret=link_secret(store, settings),
+            public_url=settings.public_url,
+            tick_seconds=settings.alert_tick_seconds,
+        )
+        policy_engine = (
+            None if policy is None else PolicyEngine(policy, control, telemetry, alerter)
+        )
+
+        def on_anomalies(found: list[Found]) -> None:
+            alerter.on_anomalies(found)
+            if policy_engine is not None:
+                policy_engine.on_anomalies(found)
+
         app.state.pipeline = pipeline = (
             DetectionPipeline(
                 store,
@@ -64,7 +86,7 @@ def create_app(settings: Settings) -> FastAPI:
                 ),
                 check_seconds=settings.detector_check_seconds,
                 snapshot_seconds=settings.detector_snapshot_seconds,
-                on_anomalies=None if policy_engine is None else policy_engine.on_anomalies,
+                on_anomalies=on_anomalies,
             )
             if settings.detection
             else None
@@ -78,6 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
                 "'runwatch keys create'",
                 settings.host,
             )
+        alerter.start()
         try:
             yield
         finally:
@@ -85,6 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
             writer.close()
             if pipeline is not None:  # after the writer: it feeds what the writer committed
                 pipeline.close()
+            alerter.close()  # after the pipeline: it raises alerts
             store.dispose()
 
     app = FastAPI(
@@ -112,6 +136,7 @@ def create_app(settings: Settings) -> FastAPI:
         anomalies.router,
         commands.router,
         checkpoints.router,
+        alert_hooks.router,
         health.router,
     ):
         app.include_router(router)

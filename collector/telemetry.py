@@ -67,15 +67,39 @@ class Telemetry:
         self.detection_failures = Counter(
             "runwatch_detection_failures",
             "Failed detection work other than a detector's own errors, by operation "
-            "(store_anomalies, save_state, load_state, check, feed, on_anomalies, policy).",
+            "(store_anomalies, save_state, load_state, check, feed, on_anomalies, policy, alerts).",
             ["operation"],
             registry=self.registry,
         )
         self.policy_actions = Counter(
             "runwatch_policy_actions",
             "Actions of the policy engine, by rule, action (a command type or alert) and outcome "
-            "(issued, refused, error, limited, logged).",
+            "(issued, refused, error, limited; for alerts raised, or logged without a dispatcher).",
             ["rule", "action", "outcome"],
+            registry=self.registry,
+        )
+        self.alert_signals = Counter(
+            "runwatch_alert_signals",
+            "Alert signals received (anomalies and raised alerts), before deduplication.",
+            registry=self.registry,
+        )
+        self.alerts = Counter(
+            "runwatch_alerts",
+            "Alerts opened (deduplicated signals), by severity.",
+            ["severity"],
+            registry=self.registry,
+        )
+        self.alert_transitions = Counter(
+            "runwatch_alert_transitions",
+            "Alerts acknowledged or resolved by a person or by the quiet timer, by new state.",
+            ["state"],
+            registry=self.registry,
+        )
+        self.notifications = Counter(
+            "runwatch_notifications",
+            "Notification outcomes by channel type and outcome "
+            "(sent, retried, failed, cancelled, deferred).",
+            ["channel_type", "outcome"],
             registry=self.registry,
         )
         self.detection_runs = Gauge(

@@ -6,10 +6,11 @@ Only the server imports this module (pydantic-settings is a server extra).
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from functools import cached_property
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DB_URL = "sqlite:///./runwatch.db"
@@ -89,6 +90,91 @@ class Settings(BaseSettings):
         "see 'runwatch policy show-default'), 'off' (detect only), or the path of a policy "
         "YAML file, checked at start-up.",
     )
+
+    public_url: str | None = Field(
+        None,
+        description="The collector's address as people and providers reach it (e.g. "
+        "'https://runwatch.example.com'): the base of run links, acknowledge links and "
+        "Twilio's keypress webhook. Without it messages carry no links.",
+    )
+    secret_key: SecretStr | None = Field(
+        None,
+        description="Signs acknowledge links. Unset: a random key is made once and kept in the "
+        "database.",
+    )
+    alert_tick_seconds: float = Field(
+        1.0, ge=0.01, le=60, description="How often escalation timers and the outbox are checked."
+    )
+    slack_bot_token: SecretStr | None = Field(
+        None, description="Bot token (xoxb-...) of the Slack app that posts alerts."
+    )
+    slack_signing_secret: SecretStr | None = Field(
+        None, description="Signing secret of that Slack app: checks its button clicks."
+    )
+    slack_api_url: str = Field("https://slack.com/api/", description="Slack's Web API.")
+    twilio_account_sid: str | None = Field(None, description="Twilio account for texts and calls.")
+    twilio_auth_token: SecretStr | None = Field(
+        None, description="Its auth token: signs its requests and checks Twilio's webhooks."
+    )
+    twilio_from_number: str | None = Field(
+        None, description="The number texts and calls come from."
+    )
+    twilio_api_url: str | None = Field(
+        None, description="Where Twilio API requests go instead of api.twilio.com (a proxy)."
+    )
+    smtp_host: str | None = Field(None, description="SMTP server for e-mail alerts.")
+    smtp_port: int = Field(587, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_starttls: bool = Field(True, description="Upgrade the connection with STARTTLS.")
+    smtp_ssl: bool = Field(False, description="Connect with TLS from the start (port 465).")
+    smtp_from: str = Field("runwatch@localhost", description="From address of e-mail alerts.")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"public_url must be an http(s) URL, not {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _channels_configured(self) -> Settings:
+        """Every channel type the alerting configuration uses has what it needs to send."""
+        from runwatch.alerting.config import WebhookChannel
+        from runwatch.collector.policy.model import policy_from_setting
+
+        policy = policy_from_setting(self.policy)
+        if policy is None:
+            return self
+        missing = []
+        for name, channel in policy.alerting.channels.items():
+            kind = channel.type
+            if kind == "slack" and (
+                self.slack_bot_token is None or self.slack_signing_secret is None
+            ):
+                missing.append(
+                    f"{name} (slack): RUNWATCH_SLACK_BOT_TOKEN and RUNWATCH_SLACK_SIGNING_SECRET"
+                )
+            elif kind in ("sms", "call") and not (
+                self.twilio_account_sid and self.twilio_auth_token and self.twilio_from_number
+            ):
+                missing.append(
+                    f"{name} ({kind}): RUNWATCH_TWILIO_ACCOUNT_SID, RUNWATCH_TWILIO_AUTH_TOKEN and "
+                    "RUNWATCH_TWILIO_FROM_NUMBER"
+                )
+            elif kind == "call" and self.public_url is None:
+                missing.append(
+                    f"{name} (call): RUNWATCH_PUBLIC_URL, where Twilio reports the keypress"
+                )
+            elif kind == "email" and not self.smtp_host:
+                missing.append(f"{name} (email): RUNWATCH_SMTP_HOST")
+            elif isinstance(channel, WebhookChannel) and not os.environ.get(channel.secret_env):
+                missing.append(f"{name} (webhook): {channel.secret_env}")
+        if missing:
+            raise ValueError("alert channels need settings: " + "; ".join(missing))
+        return self
 
     @field_validator("policy")
     @classmethod

@@ -85,6 +85,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    """A migrated store on each configured database, disposed after the test."""
+    engine = make_engine(db_url)
+    migrate.upgrade(engine)
+    found = Store(engine)
+    yield found
+    found.dispose()
+
+
 @dataclass
 class Collector:
     """A running collector: its URL, its store, and a way to post raw bodies."""

@@ -1,4 +1,4 @@
-"""Docstring examples are tests: every module of runwatch and of its agent runs its own."""
+"""Docstring examples are tests: every module of runwatch, its agent and its alerting runs its own."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import pytest
 
 import runwatch
 import runwatch.agent
+import runwatch.alerting
 
 MODULES = sorted(
     {
         info.name
-        for package in (runwatch, runwatch.agent)
+        for package in (runwatch, runwatch.agent, runwatch.alerting)
         for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
         if not info.name.endswith("__main__")
     }

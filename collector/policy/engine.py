@@ -39,9 +39,11 @@ loop replays the same steps). A rollback beyond ``max`` is replaced by ``on_limi
 checkpoint to roll back to) runs the rule's ``otherwise`` actions; their own refusals are
 logged. Every action is counted in ``runwatch_policy_actions_total{rule, action, outcome}``.
 
-**Alerts** are logged at WARNING by ``runwatch.collector.policy`` and counted, until alert
-routing lands (issue 6). A rule that only alerts stores no command, so its cooldown is kept
-in memory: after a restart such a rule may alert once more.
+**Alerts** go to the alert dispatcher (:class:`runwatch.collector.alerts.Alerter`) as
+signals of kind ``policy:<rule>`` on the series of the anomaly that caused them, with the
+action's severity and message; they are deduplicated, routed and escalated like every
+other alert. A rule that only alerts stores no command, so its cooldown is kept in
+memory: after a restart such a rule may signal once more, which deduplication absorbs.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, or_, select
 
+from runwatch.collector.alerts import Alerter
 from runwatch.collector.control import ControlChannel
 from runwatch.collector.errors import Conflict, NotFound
 from runwatch.collector.policy.model import LIMIT_RULE, Action, Policy, Rule
@@ -142,10 +145,17 @@ class PolicyEngine:
     Called from one thread (the detection pipeline's); the channel does the rest.
     """
 
-    def __init__(self, policy: Policy, control: ControlChannel, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        control: ControlChannel,
+        telemetry: Telemetry,
+        alerter: Alerter | None = None,
+    ) -> None:
         self.policy = policy
         self.control = control
         self.telemetry = telemetry
+        self.alerter = alerter
         self._alerted: dict[tuple[int, str], tuple[int, int]] = {}
         """(run, rule) -> (timeline, step after) of the last firing of a rule that only alerts."""
 
@@ -294,17 +304,34 @@ class PolicyEngine:
             if cause is not None
             else ""
         )
+        summary = (args["message"] or "policy alert") + because
         log.warning(
-            "alert [%s] run %d (%s/%s), rule %s: %s%s",
+            "alert [%s] run %d (%s/%s), rule %s: %s",
             args["severity"],
             run.id,
             run.project,
             run.name,
             rule,
-            args["message"] or "policy alert",
-            because,
+            summary,
         )
-        self.telemetry.policy_actions.labels(rule, "alert", "logged").inc()
+        if self.alerter is None:
+            self.telemetry.policy_actions.labels(rule, "alert", "logged").inc()
+            return
+        try:
+            self.alerter.raise_alert(
+                run_id=run.id,
+                kind=f"{SOURCE_PREFIX}{rule}",
+                key="" if cause is None else cause.anomaly.key,
+                severity=args["severity"],
+                summary=summary,
+                source=SOURCE_PREFIX + rule,
+                step=None if cause is None else cause.anomaly.step,
+            )
+        except Exception:
+            self.telemetry.policy_actions.labels(rule, "alert", "error").inc()
+            log.exception("rule %s: the alert for run %d could not be raised", rule, run.id)
+        else:
+            self.telemetry.policy_actions.labels(rule, "alert", "raised").inc()
 
 
 def _history(conn: Connection, run_id: int, now: float) -> _History:

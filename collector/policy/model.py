@@ -15,6 +15,8 @@ commented example)::
         cooldown_steps: 0                   # quiet for this many steps after its command
         actions: [ACTION, ...]
         otherwise: [ACTION, ...]            # when an action is refused (409)
+    alerting: {...}                         # routes, escalations, channels: see
+                                            # runwatch.alerting.config
 
 An ACTION is a mapping with one key, a command type of :data:`runwatch.wire.COMMAND_TYPES`
 or ``alert``, whose value holds the command's arguments, validated by the same models as
@@ -35,6 +37,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from runwatch.alerting.config import AlertingConfig
 from runwatch.api.schemas import (
     MAX_REASON_LENGTH,
     ClipArgs,
@@ -237,6 +240,7 @@ class Policy(_Strict):
     version: Literal[1] = 1
     limits: Limits = Field(default_factory=Limits)
     rules: list[Rule] = Field(default_factory=list)
+    alerting: AlertingConfig = Field(default_factory=AlertingConfig)
 
     @model_validator(mode="after")
     def _unique_names(self) -> Policy:

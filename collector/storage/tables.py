@@ -237,3 +237,164 @@ checkpoints = Table(
     # (run_id, id): listing newest first and the retention pass walk one run in id order.
     Index("ix_checkpoints_run_id_id", "run_id", "id"),
 )
+
+# Alerting (see runwatch.collector.alerts). ``alerts`` holds each alert's lifecycle and its
+# escalation timer (``next_at``), so a restarted collector goes on where the old one stopped.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    # SHA-256 of (run, kind, key) in hex; ``open_fingerprint`` holds it while the alert is not
+    # resolved, so that the database itself refuses a second open alert of one fingerprint.
+    Column("fingerprint", String(64), nullable=False),
+    Column("open_fingerprint", String(64), unique=True),
+    Column("kind", String(80), nullable=False),
+    Column("key", String(256), nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("summary", Text, nullable=False),
+    # What raised it: ``detector``, ``policy:<rule>`` or ``api:<key prefix>``.
+    Column("source", String(80), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("count", Integer, nullable=False),
+    Column("first_seen_at", Double, nullable=False),
+    Column("last_seen_at", Double, nullable=False),
+    Column("first_step", BigInteger),
+    Column("last_step", BigInteger),
+    Column("acknowledged_at", Double),
+    Column("acknowledged_by", Text),
+    Column("resolved_at", Double),
+    Column("resolved_by", Text),
+    # The route that matched and the escalation policy it chose (None: record only).
+    Column("route", String(80), nullable=False),
+    Column("escalation", String(64)),
+    # The escalation timer: the next step to take (of round ``esc_round``), the start of the
+    # round (steps fire at ``base_at + after``) and when the dispatcher acts next.
+    Column("esc_round", Integer, nullable=False, server_default="0"),
+    Column("esc_step", Integer, nullable=False, server_default="0"),
+    Column("base_at", Double),
+    Column("next_at", Double),
+    Column("notified_at", Double),
+    # Quiet for resolve_after: resolved at this time (None: only by hand).
+    Column("resolve_after", Double),
+    Column("resolve_at", Double),
+    # The silence that held its notifications at the dispatcher's last look.
+    Column("silenced_by", Integer),
+    CheckConstraint("state IN ('firing', 'acknowledged', 'resolved')", name="state"),
+    Index("ix_alerts_next_at", "next_at"),
+    Index("ix_alerts_resolve_at", "resolve_at"),
+    Index("ix_alerts_run_id_id", "run_id", "id"),
+    Index("ix_alerts_project_id_state_id", "project_id", "state", "id"),
+)
+
+# Every transition of an alert, with who made it: fired, acknowledged, resolved, escalated,
+# silenced, unsilenced, severity.
+alert_events = Table(
+    "alert_events",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("alert_id", Integer, ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False),
+    Column("at", Double, nullable=False),
+    Column("type", String(24), nullable=False),
+    Column("by", Text, nullable=False),
+    Column("detail", Text, nullable=False, server_default=""),
+    Index("ix_alert_events_alert_id_id", "alert_id", "id"),
+)
+
+silences = Table(
+    "silences",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    # {field: glob} for run (name), kind, key, severity; run_id as an exact number.
+    Column("matchers", JSON, nullable=False),
+    Column("starts_at", Double, nullable=False),
+    Column("ends_at", Double, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("comment", Text, nullable=False, server_default=""),
+    Column("created_at", Double, nullable=False),
+    Column("expired_by", Text),
+    Index("ix_silences_project_id_ends_at", "project_id", "ends_at"),
+)
+
+# The outbox: one row per message to one target of one channel, written in the transaction
+# that advances the escalation, sent (and retried) by the delivery workers.
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project_id", Integer, ForeignKey("projects.id", ondelete="CASCADE"), nullable=False),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("channel", String(64), nullable=False),
+    Column("channel_type", String(16), nullable=False),
+    Column("target", Text, nullable=False),
+    Column("event", String(16), nullable=False),
+    Column("esc_step", Integer),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", Double, nullable=False),
+    Column("next_attempt_at", Double, nullable=False),
+    Column("lease_until", Double),
+    Column("sent_at", Double),
+    Column("last_error", Text),
+    Column("provider_ref", Text),
+    CheckConstraint(
+        "state IN ('pending', 'sending', 'sent', 'failed', 'cancelled')", name="state"
+    ),
+    Index("ix_notifications_state_next_attempt_at", "state", "next_attempt_at"),
+    Index("ix_notifications_run_id_channel_target", "run_id", "channel", "target"),
+)
+
+notification_alerts = Table(
+    "notification_alerts",
+    metadata,
+    Column(
+        "notification_id",
+        Integer,
+        ForeignKey("notifications.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("alert_id", Integer, ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False),
+    PrimaryKeyConstraint("notification_id", "alert_id"),
+    Index("ix_notification_alerts_alert_id", "alert_id"),
+)
+
+# The delivery log: every attempt of every notification, with its outcome.
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column(
+        "notification_id",
+        Integer,
+        ForeignKey("notifications.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("attempt", Integer, nullable=False),
+    Column("at", Double, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("error", Text),
+    Column("duration", Double, nullable=False),
+    Index("ix_delivery_attempts_notification_id_id", "notification_id", "id"),
+)
+
+# Replay guard of signed inbound requests (Slack interactivity, Twilio keypresses).
+webhook_receipts = Table(
+    "webhook_receipts",
+    metadata,
+    Column("provider", String(16), nullable=False),
+    Column("nonce", String(128), nullable=False),
+    Column("at", Double, nullable=False),
+    PrimaryKeyConstraint("provider", "nonce"),
+    Index("ix_webhook_receipts_at", "at"),
+)
+
+# Secrets the server makes itself (the key that signs acknowledge links) when none is set.
+server_secrets = Table(
+    "server_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+)

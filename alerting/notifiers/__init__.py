@@ -1,0 +1,1 @@
+"""The notifiers: one small protocol, one module per provider."""
