@@ -13,6 +13,7 @@ from fastapi import Depends, Header, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from runwatch.api.auth import KeyCache, Principal, authorize, bearer_secret, lookup_state
+from runwatch.collector.alerts import Alerter
 from runwatch.collector.control import ControlChannel
 from runwatch.collector.pipeline import DetectionPipeline
 from runwatch.collector.storage.store import Store
@@ -47,6 +48,11 @@ async def get_control(request: Request) -> ControlChannel:
     return request.app.state.control
 
 
+async def get_alerter(request: Request) -> Alerter:
+    """The alerting service: acknowledge, resolve, raise, silence (always present)."""
+    return request.app.state.alerter
+
+
 RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="Run id.")]
 Rank = Annotated[
     int, Query(ge=0, le=MAX_ID, description="Rank of the process (0 if not distributed).")
@@ -58,6 +64,7 @@ TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]
 WriterDep = Annotated[BatchWriter, Depends(get_writer)]
 PipelineDep = Annotated[DetectionPipeline | None, Depends(get_pipeline)]
 ControlDep = Annotated[ControlChannel, Depends(get_control)]
+AlerterDep = Annotated[Alerter, Depends(get_alerter)]
 
 
 async def get_key_cache(request: Request) -> KeyCache:

@@ -12,7 +12,15 @@ from fastapi import FastAPI
 import runwatch
 from runwatch.alerting.config import AlertingConfig
 from runwatch.api.auth import KeyCache
-from runwatch.api.routes import alert_hooks, anomalies, checkpoints, commands, series
+from runwatch.api.routes import (
+    alert_hooks,
+    alerts,
+    anomalies,
+    checkpoints,
+    commands,
+    series,
+    silences,
+)
 from runwatch.api.routes import runs as run_queries
 from runwatch.collector import error_handlers
 from runwatch.collector.alerts import Alerter
@@ -136,6 +144,8 @@ def create_app(settings: Settings) -> FastAPI:
         anomalies.router,
         commands.router,
         checkpoints.router,
+        alerts.router,
+        silences.router,
         alert_hooks.router,
         health.router,
     ):

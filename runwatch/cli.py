@@ -2,8 +2,9 @@
 
 Server-side verbs (``server``, ``db``, ``keys``) talk to the database directly
 and need ``runwatch[server]``; the query verbs (``runs``, ``metrics``,
-``anomalies``, ``commands``, ``checkpoints``) and ``command`` go through the HTTP API with
-``--server``/``RUNWATCH_SERVER`` and ``--api-key``/``RUNWATCH_API_KEY``.
+``anomalies``, ``commands``, ``checkpoints``, ``alerts``, ``silences``) and ``command`` go
+through the HTTP API with ``--server``/``RUNWATCH_SERVER`` and
+``--api-key``/``RUNWATCH_API_KEY``.
 """
 
 from __future__ import annotations
@@ -589,6 +590,315 @@ def commands_cancel(command_id: int, server: str | None, api_key: str | None) ->
     with _client(server, api_key) as client:
         found = client.cancel_command(command_id)
     out.print(f"command {found['id']} of run {found['run_id']} is {found['state']}")
+
+
+# -- alerts -----------------------------------------------------------------------
+ALERT_STATES = ("firing", "acknowledged", "resolved")
+SEVERITIES = ("info", "warning", "critical")
+SILENCE_FIELDS = ("run", "run_id", "kind", "key", "severity")
+"""What ``--match`` may name (the server's ``SILENCE_FIELDS``; the CLI has no server deps)."""
+
+
+class BadInput(click.ClickException):
+    """Input this command or the server (422) refused: one line, exit status 2 like a usage
+    error, without the usage text."""
+
+    exit_code = 2
+
+
+@contextmanager
+def _checked_client(server_url: str | None, api_key: str | None) -> Iterator[Client]:
+    """:func:`_client`, with the server's 422 shown as :class:`BadInput`."""
+    with _client(server_url, api_key) as client:
+        try:
+            yield client
+        except ClientError as exc:
+            if exc.status == 422:
+                raise BadInput(f"the server refused: {exc.detail}") from None
+            raise
+
+
+@main.group("alerts")
+def alerts_group() -> None:
+    """Alerts: what fired, who was told, and acknowledging or resolving it."""
+
+
+@alerts_group.command("list")
+@click.option("--state", type=click.Choice(ALERT_STATES), help="Only alerts in this state.")
+@click.option("--run", help="Only alerts of this run (id or PROJECT/NAME).")
+@click.option("--severity", type=click.Choice(SEVERITIES))
+@click.option("--kind", help="Only this kind, e.g. loss_spike.")
+@click.option("--before", type=click.IntRange(min=1), help="Only alerts with a smaller id.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@server_option
+@key_option
+@json_option
+def alerts_list(
+    state: str | None,
+    run: str | None,
+    severity: str | None,
+    kind: str | None,
+    before: int | None,
+    limit: int,
+    server: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """Alerts of the key's project, newest first."""
+    with _checked_client(server, api_key) as client:
+        run_id = None if run is None else _resolve_run(client, run)["id"]
+        found = client.alerts(
+            state=state, run=run_id, severity=severity, kind=kind, before=before, limit=limit
+        )
+    if as_json:
+        _print_json(found)
+        return
+    # One block per alert, as in ``commands list``: run names and summaries overflow a table.
+    for a in found:
+        where = f" on {a['key']}" if a["key"] else ""
+        step = f" at step {a['last_step']}" if a["last_step"] is not None else ""
+        summary = f": {a['summary']}" if a["summary"] else ""
+        lines = [
+            f"{a['id']} {a['severity']} {a['kind']}{where}: {a['state']} (x{a['count']})",
+            f"    {a['project']}/{a['run_name']} (run {a['run_id']}), last seen "
+            f"{_when(a['last_seen_at'])}{step}{summary}",
+        ]
+        out.print("\n".join(lines), markup=False, soft_wrap=True)
+    out.print(f"{len(found)} alert(s)")
+
+
+@alerts_group.command("show")
+@click.argument("alert_id", type=click.IntRange(min=1), metavar="ID")
+@server_option
+@key_option
+@json_option
+def alerts_show(alert_id: int, server: str | None, api_key: str | None, as_json: bool) -> None:
+    """One alert: its history and every message sent about it."""
+    with _checked_client(server, api_key) as client:
+        found = client.alert(alert_id)
+        deliveries = client.alert_deliveries(alert_id)
+    if as_json:
+        _print_json({**found, "deliveries": deliveries})
+        return
+    out.print("\n".join(format_alert(found, deliveries)), markup=False, soft_wrap=True)
+
+
+def format_alert(alert: dict[str, Any], deliveries: list[dict[str, Any]]) -> list[str]:
+    """``alerts show`` as lines: the alert, its events, its deliveries with their attempts."""
+    where = f" on {alert['key']}" if alert["key"] else ""
+    lines = [
+        f"alert {alert['id']}: {alert['severity']} {alert['kind']}{where}: {alert['state']}",
+        f"    run {alert['project']}/{alert['run_name']} (run {alert['run_id']}), "
+        f"raised by {alert['source']}, fired {alert['count']} time(s){_steps(alert)}",
+        f"    first seen {_when(alert['first_seen_at'])}, last seen {_when(alert['last_seen_at'])}",
+    ]
+    if alert["summary"]:
+        lines.append(f"    {alert['summary']}")
+    if alert["escalation"] is None:
+        lines.append(f"    route {alert['route']}: recorded only, nobody is notified")
+    else:
+        upcoming = (
+            f", next step {_when(alert['next_escalation_at'])}"
+            if alert["next_escalation_at"]
+            else ""
+        )
+        lines.append(
+            f"    route {alert['route']}, escalation {alert['escalation']}: "
+            f"{alert['escalation_step']} step(s) taken{upcoming}"
+        )
+    if alert["silenced_by"] is not None:
+        lines.append(f"    held back by silence {alert['silenced_by']}")
+    lines.append("events:")
+    lines += [
+        f"    {_when(e['at'])} {e['type']} by {e['by']}"
+        + (f": {e['detail']}" if e["detail"] else "")
+        for e in alert["events"]
+    ]
+    lines.append("deliveries:" if deliveries else "deliveries: none")
+    for d in deliveries:
+        step = f" step {d['step']}" if d["step"] is not None else ""
+        sent = f" at {_when(d['sent_at'])}" if d["sent_at"] else ""
+        lines.append(
+            f"    {d['id']} {d['event']}{step} via {d['channel']} ({d['type']}) to {d['target']}: "
+            f"{d['state']}{sent}, {d['attempts']} attempt(s)"
+        )
+        for a in d["log"]:
+            error = f": {a['error']}" if a["error"] else ""
+            lines.append(
+                f"        attempt {a['attempt']} {_when(a['at'])} {a['status']} "
+                f"({a['duration']:.2f} s){error}"
+            )
+    return lines
+
+
+def _steps(alert: dict[str, Any]) -> str:
+    """`` at step 7``, `` at steps 7-40`` or nothing."""
+    first, last = alert["first_step"], alert["last_step"]
+    if last is None:
+        return ""
+    if first is None or first == last:
+        return f" at step {last}"
+    return f" at steps {first}-{last}"
+
+
+def _change_alerts(
+    ids: tuple[int, ...], server: str | None, api_key: str | None, verb: str
+) -> None:
+    """Acknowledge or resolve each alert; the others still go when one is refused."""
+    failed = 0
+    with _checked_client(server, api_key) as client:
+        change = client.ack_alert if verb == "acknowledged" else client.resolve_alert
+        for alert_id in ids:
+            try:
+                found = change(alert_id)
+            except ClientError as exc:
+                if exc.status not in (404, 409):
+                    raise  # a bad key or scope: every other id would fail the same way
+                click.echo(f"Error: alert {alert_id}: {exc.detail}", err=True)
+                failed += 1
+                continue
+            by = found["acknowledged_by" if verb == "acknowledged" else "resolved_by"]
+            out.print(f"alert {found['id']} {verb} by {by}", markup=False)
+    if failed:
+        sys.exit(1)
+
+
+@alerts_group.command("ack")
+@click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=1), metavar="ID...")
+@server_option
+@operate_key_option
+def alerts_ack(ids: tuple[int, ...], server: str | None, api_key: str | None) -> None:
+    """Acknowledge alerts: someone is on it, stop paging. Needs an operate key."""
+    _change_alerts(ids, server, api_key, "acknowledged")
+
+
+@alerts_group.command("resolve")
+@click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=1), metavar="ID...")
+@server_option
+@operate_key_option
+def alerts_resolve(ids: tuple[int, ...], server: str | None, api_key: str | None) -> None:
+    """Resolve alerts: the trouble is over. Needs an operate key."""
+    _change_alerts(ids, server, api_key, "resolved")
+
+
+@main.group("silences")
+def silences_group() -> None:
+    """Silences: hold back notifications about matching alerts for a while."""
+
+
+def parse_matchers(matches: tuple[str, ...]) -> dict[str, str | int]:
+    """``--match k=v`` options as a silence's matchers; :class:`BadInput` when malformed.
+
+    >>> parse_matchers(("run=sweep-*", "run_id=7"))
+    {'run': 'sweep-*', 'run_id': 7}
+    """
+    found: dict[str, str | int] = {}
+    for match in matches:
+        name, sep, value = match.partition("=")
+        name = name.strip()
+        if not sep or not value:
+            raise BadInput(f"--match takes FIELD=VALUE, not {match!r}")
+        if name not in SILENCE_FIELDS:
+            raise BadInput(f"--match: unknown field {name!r} (use {', '.join(SILENCE_FIELDS)})")
+        if name in found:
+            raise BadInput(f"--match: {name} is given twice")
+        if name == "run_id":
+            if not value.isdigit() or int(value) < 1:
+                raise BadInput(f"--match run_id takes a run id, not {value!r}")
+            found[name] = int(value)
+        else:
+            found[name] = value
+    return found
+
+
+def _duration(text: str) -> float | str:
+    """A number of seconds as a number; text such as ``2h`` as is (the server reads it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+@silences_group.command("create")
+@click.option(
+    "--match",
+    "matches",
+    multiple=True,
+    required=True,
+    help="FIELD=VALUE, FIELD one of run (name glob), run_id, kind, key, severity; repeat to "
+    "narrow. Example: --match run='sweep-*' --match kind=hang.",
+)
+@click.option("--duration", required=True, help="How long, e.g. 30m, 2h, 1d (at most 90d).")
+@click.option("--comment", default="", help="Why, for the others.")
+@click.option(
+    "--project",
+    help="Project of the silence, on a server without keys [the run of --match run_id=]; "
+    "with a key, always the key's.",
+)
+@server_option
+@operate_key_option
+@json_option
+def silences_create(
+    matches: tuple[str, ...],
+    duration: str,
+    comment: str,
+    project: str | None,
+    server: str | None,
+    api_key: str | None,
+    as_json: bool,
+) -> None:
+    """Hold back notifications about alerts matching every --match; needs an operate key."""
+    matchers = parse_matchers(matches)
+    with _checked_client(server, api_key) as client:
+        found = client.create_silence(
+            matchers, duration=_duration(duration), comment=comment, project=project
+        )
+    if as_json:
+        _print_json(found)
+        return
+    out.print(
+        f"silence {found['id']} ({format_args(found['matchers'])}) {found['state']} from "
+        f"{_when(found['starts_at'])} until {_when(found['ends_at'])}",
+        markup=False,
+    )
+
+
+@silences_group.command("list")
+@click.option("--active", is_flag=True, help="Only those in force now.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@server_option
+@key_option
+@json_option
+def silences_list(
+    active: bool, limit: int, server: str | None, api_key: str | None, as_json: bool
+) -> None:
+    """Silences of the key's project, newest first."""
+    with _checked_client(server, api_key) as client:
+        found = client.silences(active=True if active else None, limit=limit)
+    if as_json:
+        _print_json(found)
+        return
+    for x in found:
+        comment = f": {x['comment']}" if x["comment"] else ""
+        expired = f", expired by {x['expired_by']}" if x["expired_by"] else ""
+        lines = [
+            f"{x['id']} {format_args(x['matchers'])}: {x['state']} from "
+            f"{_when(x['starts_at'])} until {_when(x['ends_at'])}{expired}",
+            f"    by {x['created_by']} at {_when(x['created_at'])}{comment}",
+        ]
+        out.print("\n".join(lines), markup=False, soft_wrap=True)
+    out.print(f"{len(found)} silence(s)")
+
+
+@silences_group.command("expire")
+@click.argument("silence_id", type=click.IntRange(min=1), metavar="ID")
+@server_option
+@operate_key_option
+def silences_expire(silence_id: int, server: str | None, api_key: str | None) -> None:
+    """End a silence now; held messages about alerts still firing go out."""
+    with _checked_client(server, api_key) as client:
+        found = client.expire_silence(silence_id)
+    out.print(f"silence {found['id']} expired by {found['expired_by']}", markup=False)
 
 
 # -- supervisor -------------------------------------------------------------------

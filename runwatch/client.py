@@ -269,6 +269,84 @@ class Client:
                 return None
             raise
 
+    # -- alerts -------------------------------------------------------------
+    def alerts(
+        self,
+        *,
+        state: str | None = None,
+        run: int | None = None,
+        severity: str | None = None,
+        kind: str | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Alerts of the key's project, newest first; pass the last one's ``id`` as ``before``
+        for the next page."""
+        params = {"state": state, "run": run, "severity": severity, "kind": kind}
+        params |= {"before": before, "limit": limit}
+        return self._call("GET", "/api/v1/alerts", params=_present(params))
+
+    def alert(self, alert_id: int) -> dict[str, Any]:
+        """One alert with ``events``: every transition, who made it and when."""
+        return self._call("GET", f"/api/v1/alerts/{alert_id}")
+
+    def alert_deliveries(self, alert_id: int) -> list[dict[str, Any]]:
+        """Every message about the alert with its delivery ``log``, oldest first."""
+        return self._call("GET", f"/api/v1/alerts/{alert_id}/deliveries")
+
+    def ack_alert(self, alert_id: int) -> dict[str, Any]:
+        """Acknowledge an alert, which stops its escalation (needs the operate scope)."""
+        return self._call("POST", f"/api/v1/alerts/{alert_id}/ack")
+
+    def resolve_alert(self, alert_id: int) -> dict[str, Any]:
+        """Resolve an alert (needs the operate scope)."""
+        return self._call("POST", f"/api/v1/alerts/{alert_id}/resolve")
+
+    def raise_alert(self, run: int, kind: str, **body: Any) -> dict[str, Any]:
+        """Raise an alert about ``run`` (needs the ingest scope); an open one of the same run,
+        kind and key is updated instead.
+
+        ``body``: key, severity (info|warning|critical), summary, step.
+
+        >>> rw.raise_alert(run, "supervisor:restart_loop", severity="critical")  # doctest: +SKIP
+        """
+        return self._call("POST", "/api/v1/alerts", json={"run": run, "kind": kind, **body})
+
+    # -- silences -----------------------------------------------------------
+    def create_silence(
+        self,
+        matchers: dict[str, str | int],
+        *,
+        duration: float | str | None = None,
+        ends_at: float | None = None,
+        starts_at: float | None = None,
+        comment: str = "",
+        project: str | None = None,
+    ) -> dict[str, Any]:
+        """Hold back notifications about alerts matching every one of ``matchers`` (run,
+        run_id, kind, key, severity; strings are globs) until ``ends_at`` or for ``duration``
+        (seconds or text such as ``"2h"``). Needs the operate scope.
+
+        >>> rw.create_silence({"run": "sweep-*", "kind": "hang"}, duration="2h")  # doctest: +SKIP
+        """
+        body = {"matchers": matchers, "comment": comment}
+        body |= _present(
+            {"duration": duration, "ends_at": ends_at, "starts_at": starts_at, "project": project}
+        )
+        return self._call("POST", "/api/v1/silences", json=body)
+
+    def silences(self, active: bool | None = None, *, limit: int = 100) -> list[dict[str, Any]]:
+        """Silences, newest first; ``active`` True: in force now, False: not, None: all."""
+        params = _present({"active": active, "limit": limit})
+        return self._call("GET", "/api/v1/silences", params=params)
+
+    def silence(self, silence_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/api/v1/silences/{silence_id}")
+
+    def expire_silence(self, silence_id: int) -> dict[str, Any]:
+        """End a silence now (needs the operate scope)."""
+        return self._call("DELETE", f"/api/v1/silences/{silence_id}")
+
     # -- plumbing -----------------------------------------------------------
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._http.request(method, path, **kwargs)

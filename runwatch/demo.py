@@ -15,6 +15,13 @@ checkpoints, and what the query API recorded.
 A checkpoint is called good here once the run went 50 steps past it without a
 training-signal anomaly (``checkpoint_verify_steps``; 100 by default), so that a
 300-step run has one to go back to.
+
+Then a second trainer hangs: it stops making steps while its agent stays alive. The
+hang detector (on a clock compressed 50 times: 6 s instead of 5 min) raises a critical
+alert, which the demo's escalation policy sends to console channels standing in for
+Slack, a text, a call to the on-call and a call to the manager, seconds apart instead
+of minutes. The demo acknowledges it with ``runwatch alerts ack`` once the on-call's
+phone "rang", and the manager is never called.
 """
 
 from __future__ import annotations
@@ -22,10 +29,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -33,6 +44,7 @@ from rich.table import Table
 import runwatch
 from runwatch.cli import bucket_table, format_number
 from runwatch.client import Client
+from runwatch.collector.policy.model import default_policy_text
 from runwatch.collector.server import ServerThread
 from runwatch.settings import Settings
 from runwatch.tinylm import (
@@ -52,6 +64,37 @@ CHECKPOINT_EVERY = 25
 FAULT_AT = 150
 FAULT_LENGTH = 20
 VERIFY_STEPS = 50
+TIME_SCALE = 0.02
+"""Hang timeouts x 0.02: a trainer without a step for 6 s (not 5 min) is hung."""
+DEMO_ALERTING: dict[str, Any] = {
+    "group_wait": "1s",
+    "resolve_after": "never",
+    "channels": {
+        "team-chat": {"type": "console", "label": "#train-alerts (Slack)"},
+        "oncall-sms": {"type": "console", "label": "text to the on-call"},
+        "oncall-call": {"type": "console", "label": "call to the on-call"},
+        "manager-call": {"type": "console", "label": "call to the manager"},
+        "log": {"type": "console", "label": "log"},
+    },
+    "escalations": {
+        "page-oncall": {
+            "steps": [
+                {"notify": ["team-chat"]},
+                {"after": "4s", "notify": ["oncall-sms"]},
+                {"after": "8s", "notify": ["oncall-call"]},
+                {"after": "16s", "notify": ["manager-call"]},
+            ],
+            "then": "stop",
+        },
+        "log": {"steps": [{"notify": ["log"]}], "then": "stop"},
+    },
+    "routes": [
+        {"kinds": ["hang"], "escalation": "page-oncall"},
+        {"severities": ["critical"], "escalation": "log"},
+        {"escalation": "none"},
+    ],
+}
+"""The default policy's alerting, with minutes turned into seconds and consoles for phones."""
 console = Console(highlight=False)
 
 
@@ -177,6 +220,83 @@ def show(client: Client, run_id: int) -> None:
     )
 
 
+def demo_policy(workdir: Path) -> Path:
+    """The default policy's rules with :data:`DEMO_ALERTING`, written to ``workdir``."""
+    policy = yaml.safe_load(default_policy_text())
+    policy["alerting"] = DEMO_ALERTING
+    path = workdir / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def cli(server: str, *args: str) -> str:
+    """Run ``runwatch ARGS --server SERVER`` as a user would, show and return its output."""
+    shown = " ".join(("runwatch", *args))
+    console.print(f"[bold]$ {shown}[/]")
+    done = subprocess.run(
+        [sys.executable, "-m", "runwatch", *args, "--server", server],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    console.print(done.stdout.rstrip())
+    return done.stdout
+
+
+def hang(server: str, workdir: Path) -> int:
+    """A second trainer stops making steps; the demo acknowledges the page from the CLI.
+    Returns the alert's id."""
+    console.rule("[bold]a trainer that hangs")
+    with runwatch.init(
+        project="demo",
+        name=time.strftime("hung-%Y%m%d-%H%M%S"),
+        server=server,
+        spool_dir=workdir / "spool-hung",
+        system_interval=1.0,
+    ) as run:
+        for step in range(20):
+            run.log({"train/loss": 2.0 - step / 100}, step=step)
+            time.sleep(0.05)
+        run.flush(10)
+        console.print(
+            f"run {run.id} made 20 steps and stopped (a stuck collective, a dead data "
+            "loader); its agent is alive and sends heartbeats"
+        )
+        with Client(server, api_key="") as client:
+            alert = wait_for(lambda: _hang_alert(client, run.id), 60, "the hang alert")
+            wait_for(
+                lambda: _notified(client, alert["id"], "oncall-call"), 60, "the on-call's call"
+            )
+            console.print("[bold]The on-call picks it up:[/]")
+            cli(server, "alerts", "ack", str(alert["id"]))
+            time.sleep(10)  # past the manager's step: nobody calls the manager
+            cli(server, "alerts", "show", str(alert["id"]))
+            calls = [
+                d for d in client.alert_deliveries(alert["id"]) if d["channel"] == "manager-call"
+            ]
+            console.print(f"messages to the manager: {len(calls)}")
+    return int(alert["id"])
+
+
+def _hang_alert(client: Client, run_id: int | None) -> dict[str, Any] | None:
+    found = client.alerts(run=run_id, kind="hang")
+    return found[0] if found else None
+
+
+def _notified(client: Client, alert_id: int, channel: str) -> bool:
+    return any(d["channel"] == channel for d in client.alert_deliveries(alert_id))
+
+
+def wait_for(probe: Any, seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise SystemExit(f"demo: no sign of {what} after {seconds:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m runwatch.demo", description=__doc__)
     parser.add_argument("--steps", type=int, default=STEPS, help="training steps (default 300)")
@@ -196,7 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         host="127.0.0.1",
         port=0,
         detector_check_seconds=1.0,
+        detector_time_scale=TIME_SCALE,
         checkpoint_verify_steps=VERIFY_STEPS,
+        policy=str(demo_policy(args.workdir)),
+        alert_tick_seconds=0.2,
     )
     fault_at = args.fault_at if args.fault_at >= 0 else None
     with ServerThread(settings) as server:
@@ -212,11 +335,14 @@ def main(argv: list[str] | None = None) -> None:
             timeline(client, run_id)
             show(client, run_id)
             name = f"demo/{client.run(run_id)['name']}"
+        alert_id = hang(server.url, args.workdir)
     console.print(
         f"\nThe data stay in {args.workdir}/runwatch.db. Explore them with:\n"
         f"  .venv/bin/runwatch server --db {db} &\n"
         f"  .venv/bin/runwatch runs show {name}\n"
-        f"  .venv/bin/runwatch metrics get {name} train/loss --max-points 20"
+        f"  .venv/bin/runwatch metrics get {name} train/loss --max-points 20\n"
+        f"  .venv/bin/runwatch alerts list\n"
+        f"  .venv/bin/runwatch alerts show {alert_id}"
     )
 
 

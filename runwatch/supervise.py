@@ -33,7 +33,9 @@ with the last attempt's status (128 + N for death by signal N). An attempt that 
 least ``reset_after`` seconds before failing was healthy for a while: the count starts
 again from zero. Between restarts it waits ``backoff`` seconds, doubling with each
 restart in a row, up to :data:`MAX_BACKOFF`. Giving up is logged at ERROR on the
-``runwatch.supervise`` logger (alerting will page from there).
+``runwatch.supervise`` logger and raised as a critical alert of kind
+``supervisor_gave_up`` on the run (routed and escalated like every alert), when the
+collector knows the run.
 
 **Signals.** SIGINT and SIGTERM are forwarded to the child's group and the supervisor exits
 with the child's status, restarting nothing; the group gets SIGKILL if it is still there
@@ -67,6 +69,8 @@ log = logging.getLogger("runwatch.supervise")
 
 MAX_BACKOFF = 60.0
 """Longest wait between two restarts, in seconds."""
+GAVE_UP_KIND = "supervisor_gave_up"
+"""Kind of the alert the supervisor raises when it gives up on a run."""
 ANOMALY_PAGE = 1000
 """Anomalies fetched per request (the API's most)."""
 WAIT_SLICE = 0.2
@@ -215,6 +219,11 @@ class Supervisor:
                     "hung and was killed" if outcome.hung else "ended",
                     describe(outcome.returncode),
                 )
+                self._page(
+                    f"gave up after {streak} restart(s) in a row: the last attempt "
+                    f"{'hung and was killed' if outcome.hung else 'ended'} with "
+                    f"{describe(outcome.returncode)}"
+                )
                 return status
             delay = min(self.backoff * 2**streak, MAX_BACKOFF)
             streak += 1
@@ -351,6 +360,20 @@ class Supervisor:
                     return f"the collector found a hang at step {anomaly['step']}"
             if len(found) < ANOMALY_PAGE:
                 return None
+
+    def _page(self, summary: str) -> None:
+        """Raise the give-up as a critical alert; best effort (the log line stays)."""
+        try:
+            run_id = self._find_run()
+            if run_id is None:
+                return
+            alert = self.client.raise_alert(
+                run_id, GAVE_UP_KIND, severity="critical", summary=summary
+            )
+        except (httpx.HTTPError, ClientError) as exc:
+            log.warning("could not raise an alert on the collector: %s", exc)
+        else:
+            log.info("raised alert %d on the collector", alert["id"])
 
     def _find_run(self) -> int | None:
         """The run's id once the trainer has created it; None before."""

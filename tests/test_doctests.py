@@ -1,4 +1,4 @@
-"""Docstring examples are tests: every module of runwatch, its agent and its alerting runs its own."""
+"""Docstring examples are tests: every module of runwatch, its agent and alerting runs its own."""
 
 from __future__ import annotations
 

@@ -54,6 +54,10 @@ TRAINER = textwrap.dedent(
     if scenario == "fail":
         sys.exit(2)
     run = runwatch.init(flush_interval=0.05, heartbeat_interval=0.1, system_interval=0)
+    if scenario == "crashloop":
+        steps(run, 0, 3)
+        run.flush()
+        sys.exit(3)
     if attempt > 0:
         steps(run, 0, 3)
         run.finish()
@@ -196,6 +200,24 @@ def test_gives_up_after_max_restarts_and_warns_once_of_an_unreachable_collector(
     assert "giving up on run sup/r1 after 2 restart(s) in a row" in output
     assert output.count("cannot use the collector") == 1
     assert _attempt(tmp_path, 2)["env"]["RUNWATCH_RESTART_COUNT"] == "2"
+
+
+def test_giving_up_raises_a_critical_alert_on_the_run(tmp_path: Path, collector: Collector) -> None:
+    proc = _supervise(tmp_path, collector.url, "crashloop", "--max-restarts", "1")
+    code, output = _finish(proc)
+    assert code == 3, output
+    with collector.client() as client:
+        run_id = client.find_run("sup", "r1")["id"]
+        (alert,) = client.alerts(run=run_id)
+    assert (alert["kind"], alert["severity"], alert["state"]) == (
+        "supervisor_gave_up",
+        "critical",
+        "firing",
+    )
+    assert alert["summary"] == (
+        "gave up after 1 restart(s) in a row: the last attempt ended with status 3"
+    )
+    assert f"raised alert {alert['id']} on the collector" in output
 
 
 def test_sigterm_is_forwarded_and_nothing_is_restarted(tmp_path: Path) -> None:

@@ -18,11 +18,11 @@ log = logging.getLogger("runwatch.alerts")
 
 
 def render(message: Message, target: str) -> str:
-    """``[runwatch alert #12] firing (escalation step 0) to sms oncall`` then the message's
-    text, indented."""
-    step = f" (escalation step {message.step})" if message.step is not None else ""
-    to = f" to {target}" if target else ""
-    head = f"[runwatch alert #{message.notification_id}] {message.event}{step}{to}"
+    """``[runwatch] escalated, step 2 -> sms oncall`` (steps counted from 1) then the
+    message's text, indented."""
+    step = f", step {message.step + 1}" if message.step is not None else ""
+    to = f" -> {target}" if target else ""
+    head = f"[runwatch] {message.event}{step}{to}"
     return "\n".join([head, *("  " + line for line in message.text.split("\n"))])
 
 

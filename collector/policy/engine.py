@@ -305,7 +305,8 @@ class PolicyEngine:
             else ""
         )
         summary = (args["message"] or "policy alert") + because
-        log.warning(
+        log.log(
+            logging.INFO if self.alerter is not None else logging.WARNING,
             "alert [%s] run %d (%s/%s), rule %s: %s",
             args["severity"],
             run.id,

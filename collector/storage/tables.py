@@ -339,9 +339,7 @@ notifications = Table(
     Column("sent_at", Double),
     Column("last_error", Text),
     Column("provider_ref", Text),
-    CheckConstraint(
-        "state IN ('pending', 'sending', 'sent', 'failed', 'cancelled')", name="state"
-    ),
+    CheckConstraint("state IN ('pending', 'sending', 'sent', 'failed', 'cancelled')", name="state"),
     Index("ix_notifications_state_next_attempt_at", "state", "next_attempt_at"),
     Index("ix_notifications_run_id_channel_target", "run_id", "channel", "target"),
 )

@@ -47,7 +47,7 @@ def message(**kw: Any) -> Message:
 
 
 EXPECTED = """\
-[runwatch alert #12] firing (escalation step 1) to sms oncall
+[runwatch] firing, step 2 -> sms oncall
   [CRITICAL] llm/run-12: divergence on train/loss (+1 more)
   - #1 [critical] divergence on train/loss at step 1200: loss diverged
   - #2 [warning] hang: loss diverged
@@ -84,7 +84,7 @@ def test_state_event_has_no_step_and_says_who() -> None:
         message(event="acknowledged", step=None, alerts=acked, ack_url=None), ""
     )
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "[runwatch alert #12] acknowledged"
+    assert lines[0] == "[runwatch] acknowledged"
     assert lines[1] == "  [ACKNOWLEDGED] llm/run-12: divergence on train/loss"
     assert "  acknowledged by web:ana" in lines
 

@@ -163,6 +163,16 @@ def calls_on(run: int, project: str, command: int = MISSING_COMMAND) -> list[Cal
         Call("metrics", "read", "GET", f"/api/v1/runs/{run}/metrics", no_run, {"key": "loss"}),
         Call("anomalies", "read", "GET", f"/api/v1/runs/{run}/anomalies", no_run),
         Call("commands", "read", "GET", f"/api/v1/runs/{run}/commands", no_run),
+        Call("alerts", "read", "GET", "/api/v1/alerts", no_run, {"run": run}),
+        Call(
+            "raise",
+            "ingest",
+            "POST",
+            "/api/v1/alerts",
+            no_run,
+            json={"run": run, "kind": "manual"},
+            status=201,
+        ),
         Call(
             "pending", "ingest", "GET", f"/api/v1/runs/{run}/commands/pending", no_run, {"rank": 1}
         ),

@@ -20,8 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 from sqlalchemy import text
 
+from runwatch.alerting.config import AlertingConfig
 from runwatch.cli import main as cli
 from runwatch.client import Client
+from runwatch.collector.alerts import Alerter
 from runwatch.collector.batch import Batch
 from runwatch.collector.control import ControlChannel
 from runwatch.collector.pipeline import DetectionPipeline
@@ -33,6 +35,7 @@ from runwatch.collector.policy.model import (
     parse_policy,
     policy_from_setting,
 )
+from runwatch.collector.storage.alerts import AlertFilter, list_alerts
 from runwatch.collector.storage.anomalies import Found, insert_anomalies
 from runwatch.collector.storage.checkpoints import DEFAULT_WINDOW, last_good, register_checkpoint
 from runwatch.collector.storage.commands import CommandFilter, CommandRecord
@@ -567,6 +570,28 @@ def test_a_hang_only_alerts_and_unmatched_kinds_do_nothing(
             ("hardware_errors", 1000, "warning"),  # the default rule wants critical ones
         )
     assert quiet == [] and caplog.text == ""
+
+
+def test_policy_alerts_become_routed_alerts_with_their_cause(h: Harness) -> None:
+    alerter = Alerter(
+        h.store, AlertingConfig(), {}, h.telemetry, secret="s", clock=time.time, workers=1
+    )
+    h.engine.alerter = alerter
+    h.anomalies(("hang", 1000))
+    h.anomalies(("hardware_errors", 1001))
+    with h.store.read() as conn:
+        raised = {a.kind: a for a in list_alerts(conn, AlertFilter())}
+    hang = raised["policy:alert-on-hang"]
+    assert (hang.key, hang.severity, hang.source, hang.last_step) == (
+        LOSS,
+        "critical",
+        "policy:alert-on-hang",
+        1000,
+    )
+    assert hang.summary == "training hung; the supervisor restarts it (hang at step 1000: m)"
+    assert raised["policy:checkpoint-on-hardware-errors"].escalation == "log"
+    assert h.count("alert-on-hang", "alert", "raised") == 1
+    alerter.close()
 
 
 def test_hardware_errors_checkpoint_and_page(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
