@@ -38,6 +38,7 @@ import fnmatch
 import itertools
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -220,7 +221,11 @@ class WebhookChannel(_Channel):
 
     @property
     def targets(self) -> tuple[str, ...]:
-        return (self.url,)
+        """Scheme and host only: hook URLs often carry a secret in their path, and a target
+        is stored, shown in the API and signed into acknowledge links."""
+        parts = urlsplit(self.url)
+        port = f":{parts.port}" if parts.port else ""
+        return (f"{parts.scheme}://{parts.hostname}{port}",)
 
 
 Channel = Annotated[

@@ -49,3 +49,10 @@ def gather_reply(digits: str | None, acknowledged: bool, what: str) -> str:
     else:
         response.say("Not acknowledged. Goodbye.")
     return response.to_xml()
+
+
+def cannot_acknowledge(why: str) -> str:
+    """TwiML for a keypress whose link cannot be used (expired, altered): say so, hang up."""
+    response = VoiceResponse()
+    response.say(f"This alert cannot be acknowledged by phone: {why}. Goodbye.")
+    return response.to_xml()

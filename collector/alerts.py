@@ -53,6 +53,13 @@ MAX_DUE = 1000
 """Alerts one tick acts on; the rest wait for the next tick (a second later)."""
 SYSTEM = "runwatch"
 """Who automatic transitions are by."""
+RECEIPT_SECONDS = 3600.0
+"""Receipts of signed requests kept for replay checks: longer than Slack's 5-minute window
+and than any phone call."""
+
+
+class Replayed(Exception):
+    """A signed request (a Slack click, a keypress) that was received before."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,11 +429,15 @@ class Alerter:
         by: str,
         project_id: int | None,
         strict: bool = True,
+        receipt: tuple[str, str] | None = None,
     ) -> list[db.AlertRecord]:
         """Acknowledge firing alerts: their escalation stops now. With ``strict``, an unknown
         alert is :class:`NotFound` and a resolved one :class:`Conflict`; without (links and
-        buttons acting on a message), those are skipped."""
-        return self._transition(alert_ids, "acknowledged", ("firing",), by, project_id, strict)
+        buttons acting on a message), those are skipped. ``receipt`` (provider, nonce) of a
+        signed request is remembered in the same transaction: :class:`Replayed` if seen."""
+        return self._transition(
+            alert_ids, "acknowledged", ("firing",), by, project_id, strict, receipt
+        )
 
     def resolve(
         self,
@@ -435,9 +446,12 @@ class Alerter:
         by: str,
         project_id: int | None,
         strict: bool = True,
+        receipt: tuple[str, str] | None = None,
     ) -> list[db.AlertRecord]:
         """Resolve open alerts by hand; a resolved alert is left as it is."""
-        return self._transition(alert_ids, "resolved", db.OPEN_ALERT_STATES, by, project_id, strict)
+        return self._transition(
+            alert_ids, "resolved", db.OPEN_ALERT_STATES, by, project_id, strict, receipt
+        )
 
     def _transition(
         self,
@@ -447,9 +461,14 @@ class Alerter:
         by: str,
         project_id: int | None,
         strict: bool,
+        receipt: tuple[str, str] | None,
     ) -> list[db.AlertRecord]:
         now = self.clock()
         with self.store.write() as conn:
+            if receipt is not None:
+                if not db.first_receipt(conn, *receipt, now):
+                    raise Replayed
+                db.forget_receipts(conn, now - RECEIPT_SECONDS)
             found = {
                 a.id: a
                 for a in db.get_alerts(conn, alert_ids)

@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         default=FAULT_AT,
         help=f"first of {FAULT_LENGTH} garbage batches (default {FAULT_AT}; -1: no fault)",
     )
+    parser.add_argument(
+        "--no-hang", action="store_true", help="skip the second act (a hung trainer is paged)"
+    )
     args = parser.parse_args(argv)
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -335,14 +338,14 @@ def main(argv: list[str] | None = None) -> None:
             timeline(client, run_id)
             show(client, run_id)
             name = f"demo/{client.run(run_id)['name']}"
-        alert_id = hang(server.url, args.workdir)
+        alert_id = None if args.no_hang else hang(server.url, args.workdir)
     console.print(
         f"\nThe data stay in {args.workdir}/runwatch.db. Explore them with:\n"
         f"  .venv/bin/runwatch server --db {db} &\n"
         f"  .venv/bin/runwatch runs show {name}\n"
         f"  .venv/bin/runwatch metrics get {name} train/loss --max-points 20\n"
-        f"  .venv/bin/runwatch alerts list\n"
-        f"  .venv/bin/runwatch alerts show {alert_id}"
+        "  .venv/bin/runwatch alerts list"
+        + ("" if alert_id is None else f"\n  .venv/bin/runwatch alerts show {alert_id}")
     )
 
 

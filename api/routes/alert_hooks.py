@@ -21,16 +21,18 @@ from starlette.concurrency import run_in_threadpool
 
 from runwatch.alerting.slack_hooks import parse_slack_action, verify_slack_request
 from runwatch.alerting.tokens import AckToken, ForgedRequest, read_ack
-from runwatch.alerting.twilio_hooks import SIGNATURE_HEADER, gather_reply, verify_twilio_request
+from runwatch.alerting.twilio_hooks import (
+    SIGNATURE_HEADER,
+    cannot_acknowledge,
+    gather_reply,
+    verify_twilio_request,
+)
 from runwatch.api.deps import SettingsDep
-from runwatch.collector.alerts import Alerter
+from runwatch.collector.alerts import Alerter, Replayed
 from runwatch.collector.error_handlers import error_body
 from runwatch.collector.storage import alerts as db
 
 router = APIRouter(prefix="/api/v1/hooks", tags=["alert hooks"])
-
-RECEIPT_SECONDS = 3600.0
-"""Receipts kept for replay checks: longer than Slack's 5-minute window and a phone call."""
 
 
 def _alerter(request: Request) -> Alerter:
@@ -73,18 +75,19 @@ async def slack_interactivity(
     except ValueError as exc:
         return _refused(400, "bad_request", str(exc))
 
-    def act() -> bool:
-        with alerter.store.write() as conn:
-            if not db.first_receipt(conn, "slack", x_slack_signature or "", alerter.clock()):
-                return False
-            db.forget_receipts(conn, alerter.clock() - RECEIPT_SECONDS)
-        if action.action == "ack":
-            alerter.acknowledge(action.alert_ids, by=action.user, project_id=None, strict=False)
-        else:
-            alerter.resolve(action.alert_ids, by=action.user, project_id=None, strict=False)
-        return True
+    def act() -> None:
+        change = alerter.acknowledge if action.action == "ack" else alerter.resolve
+        change(
+            action.alert_ids,
+            by=action.user,
+            project_id=None,
+            strict=False,
+            receipt=("slack", x_slack_signature or ""),
+        )
 
-    if not await run_in_threadpool(act):
+    try:
+        await run_in_threadpool(act)
+    except Replayed:
         return _refused(409, "conflict", "this request was received before (a replay)")
     return Response(status_code=200)
 
@@ -113,30 +116,38 @@ async def twilio_voice(request: Request, settings: SettingsDep) -> Response:
             request.headers.get(SIGNATURE_HEADER),
             settings.twilio_auth_token.get_secret_value(),
         )
+    except ForgedRequest as exc:
+        return _refused(403, "forbidden", f"not a request from Twilio: {exc}")
+    try:
         token = read_ack(
             alerter.deliverer.secret,
             request.query_params.get("token", ""),
             alerter.config.link_ttl,
             now=alerter.clock(),
         )
-    except ForgedRequest as exc:
-        return _refused(403, "forbidden", f"not a request from Twilio: {exc}")
+    except ForgedRequest as exc:  # Twilio's own request: answer so that the caller hears why
+        return Response(cannot_acknowledge(str(exc)), status_code=403, media_type="text/xml")
     digits = params.get("Digits")
     nonce = f"{params.get('CallSid', '')}:{token.notification_id}:{digits}"
 
-    def act() -> bool | None:
-        with alerter.store.write() as conn:
-            if not db.first_receipt(conn, "twilio", nonce, alerter.clock()):
-                return None
+    def act() -> bool:
         if digits != "1":
+            with alerter.store.write() as conn:
+                if not db.first_receipt(conn, "twilio", nonce, alerter.clock()):
+                    raise Replayed
             return False
         done = alerter.acknowledge(
-            token.alert_ids, by=f"phone:{token.target}", project_id=None, strict=False
+            token.alert_ids,
+            by=f"phone:{token.target}",
+            project_id=None,
+            strict=False,
+            receipt=("twilio", nonce),
         )
         return any(a.state == "acknowledged" for a in done)
 
-    acknowledged = await run_in_threadpool(act)
-    if acknowledged is None:
+    try:
+        acknowledged = await run_in_threadpool(act)
+    except Replayed:
         return _refused(409, "conflict", "this request was received before (a replay)")
     what = f"{len(token.alert_ids)} alert{'s' if len(token.alert_ids) != 1 else ''}."
     return Response(gather_reply(digits, acknowledged, what), media_type="text/xml")
@@ -163,9 +174,7 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     summary="The page an acknowledge link opens (a button; opening it changes nothing)",
     responses={403: {}},
 )
-async def ack_page(
-    request: Request, token: Annotated[str, Query(max_length=4096)] = ""
-) -> HTMLResponse:
+async def ack_page(request: Request, token: Annotated[str, Query()] = "") -> HTMLResponse:
     try:
         found = _link_token(request, token)
     except ForgedRequest as exc:
@@ -196,9 +205,7 @@ async def ack_page(
     summary="Acknowledge the alerts of an acknowledge link",
     responses={403: {}},
 )
-async def ack_link(
-    request: Request, token: Annotated[str, Form(max_length=4096)] = ""
-) -> HTMLResponse:
+async def ack_link(request: Request, token: Annotated[str, Form()] = "") -> HTMLResponse:
     try:
         found = _link_token(request, token)
     except ForgedRequest as exc:
@@ -213,10 +220,12 @@ async def ack_link(
         )
 
     done = await run_in_threadpool(act)
-    items = "".join(
-        f"<li>#{a.id}: {html.escape(a.state)}"
-        + (f" by {html.escape(a.acknowledged_by)}" if a.acknowledged_by else "")
-        + "</li>"
-        for a in done
-    )
-    return _page("Acknowledged", f"<ul>{items}</ul>")
+    items = "".join(f"<li>#{a.id}: {html.escape(_state_of(a))}</li>" for a in done)
+    title = "Acknowledged" if any(a.state == "acknowledged" for a in done) else "Nothing to do"
+    return _page(title, f"<ul>{items}</ul>")
+
+
+def _state_of(alert: db.AlertRecord) -> str:
+    """``acknowledged by slack:ana``, ``resolved by runwatch``, ``firing``."""
+    by = {"acknowledged": alert.acknowledged_by, "resolved": alert.resolved_by}.get(alert.state)
+    return f"{alert.state} by {by}" if by else alert.state

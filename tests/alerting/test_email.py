@@ -3,25 +3,20 @@ with a login, TLS from the first byte, and the ways a server says no."""
 
 from __future__ import annotations
 
-import email
 import socket
 import ssl
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from email.message import EmailMessage
-from email.policy import default as default_policy
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from runwatch.alerting.message import AlertView, Message
 from runwatch.alerting.notifiers.base import DeliveryError
 from runwatch.alerting.notifiers.email import EmailNotifier, SmtpConfig
+from tests.alerting.fake_smtp import Recorder, smtp_server
 
 USER, PASSWORD = "runwatch", "hunter2-very-secret"
 
@@ -57,57 +52,6 @@ def message(**kw: Any) -> Message:
     }
     fields.update(kw)
     return Message(**fields)
-
-
-@dataclass
-class Recorder:
-    """An aiosmtpd handler that keeps what it receives and refuses what it is told to."""
-
-    received: list[Envelope] = field(default_factory=list)
-    refuse_rcpt: dict[str, str] = field(default_factory=dict)
-    data_reply: str = "250 OK"
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Envelope, address: str, options: Any
-    ) -> str:
-        for prefix, reply in self.refuse_rcpt.items():
-            if address.startswith(prefix):
-                return reply
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Envelope) -> str:
-        if self.data_reply.startswith("250"):
-            self.received.append(envelope)
-        return self.data_reply
-
-    def parsed(self, i: int = -1) -> EmailMessage:
-        content = self.received[i].original_content
-        assert content is not None
-        msg = email.message_from_bytes(content, policy=default_policy)
-        assert isinstance(msg, EmailMessage)
-        return msg
-
-
-class _Controller(Controller):
-    """Binds port 0 and learns the port the system gave it before checking the server."""
-
-    def _trigger_server(self) -> None:
-        assert self.server is not None
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
-
-
-@contextmanager
-def smtp_server(handler: Recorder, **kwargs: Any) -> Iterator[_Controller]:
-    controller = _Controller(
-        handler, hostname="127.0.0.1", port=0, server_hostname="smtp.test", **kwargs
-    )
-    controller.start()
-    try:
-        yield controller
-    finally:
-        controller.stop()
 
 
 @dataclass(frozen=True)
