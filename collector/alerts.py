@@ -76,6 +76,18 @@ class Signal:
 
 
 @dataclass(frozen=True, slots=True)
+class _Message:
+    """What makes one message: alerts of one run, to one target, at one step."""
+
+    project_id: int
+    run_id: int
+    channel: str
+    target: str
+    event: str
+    step: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Run:
     id: int
     name: str
@@ -300,22 +312,10 @@ class Alerter:
         if not due:
             return
         silences = db.active_silences(conn, {a.project_id for a in due}, now)
-        outbox: dict[tuple[int, int, str, str, str, int], list[int]] = {}
+        outbox: dict[_Message, list[int]] = {}
         for alert in due:
             self._step(conn, alert, silences, now, outbox)
-        for (project_id, run_id, channel, target, event, step), ids in outbox.items():
-            db.insert_notification(
-                conn,
-                project_id=project_id,
-                run_id=run_id,
-                channel=channel,
-                channel_type=self.config.channels[channel].type,
-                target=target,
-                event=event,
-                esc_step=step,
-                alert_ids=ids,
-                now=now,
-            )
+        self._write(conn, outbox, now)
 
     def _step(
         self,
@@ -323,7 +323,7 @@ class Alerter:
         alert: db.AlertRecord,
         silences: list[db.SilenceRecord],
         now: float,
-        outbox: dict[tuple[int, int, str, str, str, int], list[int]],
+        outbox: dict[_Message, list[int]],
     ) -> None:
         escalation = self.config.escalations.get(alert.escalation or "")
         if escalation is None or alert.esc_step >= len(escalation.steps):
@@ -376,7 +376,7 @@ class Alerter:
                 continue
             sent.append(name)
             for target in channel.targets:
-                key = (alert.project_id, alert.run_id, name, target, event, timer.esc_step)
+                key = _Message(alert.project_id, alert.run_id, name, target, event, timer.esc_step)
                 outbox.setdefault(key, []).append(alert.id)
         detail = f"{alert.escalation} step {timer.esc_step + 1}/{len(escalation.steps)}"
         if timer.esc_round:
@@ -500,24 +500,27 @@ class Alerter:
         self, conn: Connection, changed: list[db.AlertRecord], event: str, now: float
     ) -> None:
         """State messages to the channels that paged about ``changed`` and show state."""
-        outbox: dict[tuple[int, int, str, str], list[int]] = {}
+        outbox: dict[_Message, list[int]] = {}
         for alert in changed:
             for channel, target in db.reached(conn, alert.id):
                 config = self.config.channels.get(channel)
                 if config is not None and config.tells_state():
-                    outbox.setdefault((alert.project_id, alert.run_id, channel, target), []).append(
-                        alert.id
-                    )
-        for (project_id, run_id, channel, target), ids in outbox.items():
+                    key = _Message(alert.project_id, alert.run_id, channel, target, event, None)
+                    outbox.setdefault(key, []).append(alert.id)
+        self._write(conn, outbox, now)
+
+    def _write(self, conn: Connection, outbox: dict[_Message, list[int]], now: float) -> None:
+        """One outbox row per message, naming every alert it is about."""
+        for m, ids in outbox.items():
             db.insert_notification(
                 conn,
-                project_id=project_id,
-                run_id=run_id,
-                channel=channel,
-                channel_type=self.config.channels[channel].type,
-                target=target,
-                event=event,
-                esc_step=None,
+                project_id=m.project_id,
+                run_id=m.run_id,
+                channel=m.channel,
+                channel_type=self.config.channels[m.channel].type,
+                target=m.target,
+                event=m.event,
+                esc_step=m.step,
                 alert_ids=ids,
                 now=now,
             )

@@ -11,39 +11,21 @@ import pytest
 from runwatch.alerting.message import AlertView, Message
 from runwatch.alerting.notifiers.base import DeliveryError
 from runwatch.alerting.notifiers.console import ConsoleNotifier
+from tests.alerting import builders
 
 
 def alert(id: int, **kw: Any) -> AlertView:
-    fields: dict[str, Any] = {
-        "id": id,
-        "project": "llm",
-        "run_id": 7,
-        "run_name": "run-12",
-        "kind": "divergence",
-        "key": "train/loss",
-        "severity": "critical",
-        "state": "firing",
-        "summary": "loss diverged",
-        "count": 1,
-        "first_seen_at": 1.0,
-        "last_seen_at": 2.0,
-        "step": 1200,
-    }
-    fields.update(kw)
-    return AlertView(**fields)
+    return builders.alert(id, **kw)
 
 
 def message(**kw: Any) -> Message:
     fields: dict[str, Any] = {
-        "notification_id": 12,
-        "event": "firing",
         "step": 1,
         "alerts": (alert(1), alert(2, kind="hang", key="", severity="warning", step=None)),
         "run_url": "http://127.0.0.1:8000/runs/7",
         "ack_url": "http://127.0.0.1:8000/ack/TOKEN",
     }
-    fields.update(kw)
-    return Message(**fields)
+    return builders.message(**(fields | kw))
 
 
 EXPECTED = """\

@@ -16,42 +16,23 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from runwatch.alerting.message import AlertView, Message
 from runwatch.alerting.notifiers.base import DeliveryError
 from runwatch.alerting.notifiers.email import EmailNotifier, SmtpConfig
+from tests.alerting import builders
 from tests.alerting.fake_smtp import Recorder, smtp_server
 
 USER, PASSWORD = "runwatch", "hunter2-very-secret"
 
 
 def alert(id: int, **kw: Any) -> AlertView:
-    fields: dict[str, Any] = {
-        "id": id,
-        "project": "llm",
-        "run_id": 7,
-        "run_name": "run-12",
-        "kind": "divergence",
-        "key": "train/loss",
-        "severity": "critical",
-        "state": "firing",
-        "summary": "loss <diverged> & climbing",
-        "count": 3,
-        "first_seen_at": 1.0,
-        "last_seen_at": 2.0,
-        "step": 1200,
-    }
-    fields.update(kw)
-    return AlertView(**fields)
+    return builders.alert(id, **({"count": 3, "summary": "loss <diverged> & climbing"} | kw))
 
 
 def message(**kw: Any) -> Message:
     fields: dict[str, Any] = {
-        "notification_id": 12,
-        "event": "firing",
-        "step": 0,
         "alerts": (alert(1), alert(2, kind="hang", key="", severity="warning")),
         "run_url": "https://runwatch.example/runs/7",
         "ack_url": "https://runwatch.example/ack/TOKEN?x=1&y=2",
     }
-    fields.update(kw)
-    return Message(**fields)
+    return builders.message(**(fields | kw))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from runwatch.alerting.slack_hooks import (
     verify_slack_request,
 )
 from runwatch.alerting.tokens import ForgedRequest
+from tests.alerting import builders
 from tests.alerting.fake_slack import FakeSlack
 
 TOKEN = "xoxb-1111-2222-secretsecret"
@@ -28,36 +29,17 @@ SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
 
 
 def alert(id: int = 12, **kw: object) -> AlertView:
-    fields: dict[str, object] = {
-        "id": id,
-        "project": "llm",
-        "run_id": 3,
-        "run_name": "run-12",
-        "kind": "divergence",
-        "key": "train/loss",
-        "severity": "critical",
-        "state": "firing",
-        "summary": "loss diverged",
-        "count": 1,
-        "first_seen_at": 1.0,
-        "last_seen_at": 2.0,
-        "step": 1200,
-    }
-    fields.update(kw)
-    return AlertView(**fields)  # type: ignore[arg-type]
+    return builders.alert(id, **({"run_id": 3} | kw))
 
 
 def page(*alerts: AlertView, **kw: object) -> Message:
     fields: dict[str, object] = {
         "notification_id": 7,
-        "event": "firing",
-        "step": 0,
         "alerts": alerts or (alert(),),
         "run_url": "http://runwatch.example/runs/3",
         "ack_url": "http://runwatch.example/ack/abc",
     }
-    fields.update(kw)
-    return Message(**fields)  # type: ignore[arg-type]
+    return builders.message(**(fields | kw))
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from runwatch.alerting.notifiers.twilio import (
 )
 from runwatch.alerting.tokens import ForgedRequest
 from runwatch.alerting.twilio_hooks import gather_reply, verify_twilio_request
+from tests.alerting import builders
 from tests.alerting.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, FakeTwilio, sign
 
 TO = "+15551234567"
@@ -33,37 +34,19 @@ VOICE_URL = "https://runwatch.example/api/v1/hooks/twilio/voice?token=abc.def"
 
 
 def alert(id: int = 1, kind: str = "divergence", **fields: object) -> AlertView:
-    values: dict[str, object] = {
-        "id": id,
-        "project": "llm",
-        "run_id": 12,
-        "run_name": "run-12",
-        "kind": kind,
-        "key": "train/loss",
-        "severity": "critical",
-        "state": "firing",
-        "summary": "loss diverged",
-        "count": 3,
-        "first_seen_at": 1000.0,
-        "last_seen_at": 1060.0,
-        "step": 1200,
-    }
-    values.update(fields)
-    return AlertView(**values)  # type: ignore[arg-type]
+    values = {"run_id": 12, "count": 3, "first_seen_at": 1000.0, "last_seen_at": 1060.0}
+    return builders.alert(id, kind=kind, **(values | fields))
 
 
 def page(*alerts: AlertView, **fields: object) -> Message:
     values: dict[str, object] = {
         "notification_id": 7,
-        "event": "firing",
-        "step": 0,
         "alerts": alerts or (alert(),),
         "run_url": "https://runwatch.example/runs/12",
         "ack_url": ACK_URL,
         "voice_url": VOICE_URL,
     }
-    values.update(fields)
-    return Message(**values)  # type: ignore[arg-type]
+    return builders.message(**(values | fields))
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from runwatch.alerting.message import AlertView, Message
 from runwatch.alerting.notifiers.base import DeliveryError
 from runwatch.alerting.notifiers.webhook import WebhookNotifier, retry_after
 from runwatch.alerting.tokens import ForgedRequest, verify_webhook_signature
+from tests.alerting import builders
 
 SECRET = b"shared-webhook-secret"
 PATH_SECRET = "T000/B000/XXXXpathsecretXXXX"
@@ -26,36 +27,18 @@ T0 = 1_700_000_000.0
 
 
 def alert(id: int, **kw: Any) -> AlertView:
-    fields: dict[str, Any] = {
-        "id": id,
-        "project": "llm",
-        "run_id": 7,
-        "run_name": "run-12",
-        "kind": "divergence",
-        "key": "train/loss",
-        "severity": "critical",
-        "state": "firing",
-        "summary": "loss diverged",
-        "count": 3,
-        "first_seen_at": 1.0,
-        "last_seen_at": 2.0,
-        "step": 1200,
-    }
-    fields.update(kw)
-    return AlertView(**fields)
+    return builders.alert(id, **({"count": 3} | kw))
 
 
 def message(**kw: Any) -> Message:
     fields: dict[str, Any] = {
-        "notification_id": 12,
         "event": "escalated",
         "step": 1,
         "alerts": (alert(1), alert(2, kind="hang", key="", severity="warning", step=None)),
         "run_url": "https://runwatch.example/runs/7",
         "ack_url": "https://runwatch.example/ack/TOKEN",
     }
-    fields.update(kw)
-    return Message(**fields)
+    return builders.message(**(fields | kw))
 
 
 @dataclass
