@@ -620,12 +620,14 @@ def post_token(collector: Collector, token: str) -> httpx.Response:
 
 
 def test_email_link_acknowledges_on_post_only(world: World) -> None:
-    """Two e-mails 3.5 s apart; links live 2 s: the first link expires before the second
-    e-mail arrives, the second acknowledges."""
-    steps = [{"notify": ["email"]}, {"after": "3.5s", "notify": ["email"]}]
-    with world.collector(steps, link_ttl="2s") as collector:
+    """Two e-mails 4 s apart; links live 3 s: the first link has expired once 3 s (and the
+    signature's one-second resolution) have passed since its e-mail came, the second
+    acknowledges."""
+    steps = [{"notify": ["email"]}, {"after": "4s", "notify": ["email"]}]
+    with world.collector(steps, link_ttl="3s") as collector:
         alert_id = raise_alert(collector, "nightly", "divergence", "train/loss")
         wait_for(lambda: world.mail.received, "the first e-mail")
+        first_came = time.monotonic()
         first_link = mail_link(world, 0)
         html_body = world.mail.parsed(0).get_body(("html",))
         assert html_body is not None and html.escape(first_link) in html_body.get_content()
@@ -644,8 +646,9 @@ def test_email_link_acknowledges_on_post_only(world: World) -> None:
             assert response.status_code == 403, response.text
             assert_firing(collector, alert_id)
 
-        # The escalation's second e-mail comes 3.5 s in: the first link has expired by then.
+        # The escalation's second e-mail comes 4 s in; the first link expires after 3 s.
         wait_for(lambda: len(world.mail.received) >= 2, "the second e-mail")
+        time.sleep(max(0.0, first_came + 4.2 - time.monotonic()))  # however late it came
         response = post_token(collector, token)
         assert response.status_code == 403, response.text
         assert "link expired" in response.text
