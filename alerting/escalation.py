@@ -35,6 +35,8 @@ class Sibling:
     esc_step: int
     next_at: float | None
     notified_at: float | None
+    held: bool = False
+    """A silence holds it: its ``next_at`` is the silence's end, no message to join."""
 
 
 def first_timer(
@@ -44,7 +46,7 @@ def first_timer(
     waiting = [
         s.next_at
         for s in siblings
-        if s.esc_round == 0 and s.esc_step == 0 and s.next_at is not None
+        if s.esc_round == 0 and s.esc_step == 0 and s.next_at is not None and not s.held
     ]
     if waiting:
         start = min(waiting)

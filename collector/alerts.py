@@ -30,9 +30,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, exists, select, update
+from sqlalchemy.exc import IntegrityError
 
 from runwatch.alerting.config import NO_ESCALATION, AlertingConfig
 from runwatch.alerting.escalation import Sibling, Timer, after_step, event_of, first_timer, rebased
@@ -45,6 +47,7 @@ from runwatch.collector.storage import alerts as db
 from runwatch.collector.storage.anomalies import Found
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.tables import alerts, projects, runs
+from runwatch.collector.storage.tables import silences as silence_rows
 from runwatch.collector.telemetry import Telemetry
 
 log = logging.getLogger("runwatch.collector.alerts")
@@ -187,10 +190,9 @@ class Alerter:
                 if run is None:
                     continue
                 found = existing.get(fp)
-                if found is not None:
-                    self._refire(conn, found, group, now)
+                if found is not None and self._refire(conn, found, run, group, siblings, now):
                     ids.append(found.id)
-                else:
+                else:  # new, or resolved since it was read: a new alert
                     ids.append(self._new(conn, run, fp, group, siblings, now))
         self.telemetry.alert_signals.inc(len(signals))
         return ids
@@ -202,29 +204,80 @@ class Alerter:
         for a in db.open_alerts_of_runs(conn, sorted(run_ids)):
             if a.escalation is not None:
                 found.setdefault((a.run_id, a.escalation), []).append(
-                    Sibling(a.esc_round, a.esc_step, a.next_at, a.notified_at)
+                    Sibling(
+                        a.esc_round, a.esc_step, a.next_at, a.notified_at, a.silenced_by is not None
+                    )
                 )
         return found
 
     def _refire(
-        self, conn: Connection, alert: db.AlertRecord, group: list[Signal], now: float
-    ) -> None:
+        self,
+        conn: Connection,
+        alert: db.AlertRecord,
+        run: _Run,
+        group: list[Signal],
+        siblings: dict[tuple[int, str], list[Sibling]],
+        now: float,
+    ) -> bool:
+        """Count ``group`` into an open alert; False when it is not open any more."""
         severity = max((s.severity for s in group), key=SEVERITY_RANK.__getitem__)
         raised = SEVERITY_RANK[severity] > SEVERITY_RANK[alert.severity]
         steps = [s.step for s in group if s.step is not None]
-        values: dict[str, object] = {
-            "count": alerts.c.count + len(group),
-            "last_seen_at": now,
-        }
+        values: dict[str, object] = {"count": alerts.c.count + len(group), "last_seen_at": now}
         if steps:
-            values["last_step"] = max(steps + ([alert.last_step] if alert.last_step else []))
-        if raised:
-            values |= {"severity": severity, "summary": group[-1].summary[: db.MAX_SUMMARY_LENGTH]}
+            known = [s for s in (alert.first_step, alert.last_step) if s is not None]
+            values["first_step"] = min(steps + known)
+            values["last_step"] = max(steps + known)
         if alert.resolve_after is not None:
             values["resolve_at"] = now + alert.resolve_after
-        conn.execute(update(alerts).where(alerts.c.id == alert.id).values(**values))
+        rerouted = None
+        if raised:
+            values |= {"severity": severity, "summary": group[-1].summary[: db.MAX_SUMMARY_LENGTH]}
+            if alert.state == "firing":
+                rerouted = self._reroute(alert, run, severity, siblings, now, values)
+        done = conn.execute(
+            update(alerts)
+            .where(alerts.c.id == alert.id, alerts.c.state.in_(db.OPEN_ALERT_STATES))
+            .values(**values)
+        ).rowcount
+        if not done:
+            return False
         if raised:
             db.add_event(conn, alert.id, now, "severity", group[-1].source, severity)
+        if rerouted is not None:
+            db.add_event(conn, alert.id, now, "rerouted", SYSTEM, rerouted)
+        return True
+
+    def _reroute(
+        self,
+        alert: db.AlertRecord,
+        run: _Run,
+        severity: str,
+        siblings: dict[tuple[int, str], list[Sibling]],
+        now: float,
+        values: dict[str, object],
+    ) -> str | None:
+        """A firing alert whose severity rose: routed again; a new escalation starts over.
+        Returns what changed, for the event log; None when the route keeps its escalation."""
+        route_name, route = self.config.route(run.project, severity, alert.kind, alert.key)
+        name = NO_ESCALATION if route is None else route.escalation
+        if name == (alert.escalation or NO_ESCALATION):
+            if alert.silenced_by is not None:
+                values["next_at"] = now  # the silence may not match it any more: look again
+            return None
+        values |= {"route": route_name, "escalation": None, "next_at": None, "silenced_by": None}
+        if name != NO_ESCALATION:
+            escalation = self.config.escalations[name]
+            timer = first_timer(self.config, escalation, now, siblings.get((run.id, name), []))
+            values |= {
+                "escalation": name,
+                "esc_round": timer.esc_round,
+                "esc_step": timer.esc_step,
+                "base_at": timer.base_at,
+                "next_at": timer.next_at,
+            }
+            siblings.setdefault((run.id, name), []).append(Sibling(0, 0, timer.next_at, None))
+        return f"{route_name}: escalation {alert.escalation or NO_ESCALATION} -> {name}"
 
     def _new(
         self,
@@ -244,30 +297,36 @@ class Alerter:
         if escalation is not None:
             timer = first_timer(self.config, escalation, now, siblings.get((run.id, name), []))
         steps = [s.step for s in group if s.step is not None]
-        alert_id = db.insert_alert(
-            conn,
-            db.NewAlert(
-                project_id=run.project_id,
-                run_id=run.id,
-                fingerprint=fp,
-                kind=first.kind,
-                key=first.key,
-                severity=severity,
-                summary=last.summary,
-                source=first.source,
-                count=len(group),
-                first_seen_at=now,
-                last_seen_at=now,
-                first_step=min(steps) if steps else None,
-                last_step=max(steps) if steps else None,
-                route=route_name,
-                escalation=None if escalation is None else name,
-                base_at=timer.base_at,
-                next_at=timer.next_at,
-                resolve_after=self.config.resolve_after_of(route),
-            ),
-            now,
+        new = db.NewAlert(
+            project_id=run.project_id,
+            run_id=run.id,
+            fingerprint=fp,
+            kind=first.kind,
+            key=first.key,
+            severity=severity,
+            summary=last.summary,
+            source=first.source,
+            count=len(group),
+            first_seen_at=now,
+            last_seen_at=now,
+            first_step=min(steps) if steps else None,
+            last_step=max(steps) if steps else None,
+            route=route_name,
+            escalation=None if escalation is None else name,
+            base_at=timer.base_at,
+            next_at=timer.next_at,
+            resolve_after=self.config.resolve_after_of(route),
         )
+        try:
+            # PostgreSQL: another writer may open the same fingerprint meanwhile (SQLite
+            # writers take turns); a savepoint keeps this transaction usable if it did.
+            with conn.begin_nested() if self.store.dialect == "postgresql" else nullcontext():
+                alert_id = db.insert_alert(conn, new, now)
+        except IntegrityError:
+            found = db.open_alerts_by_fingerprint(conn, [fp]).get(fp)
+            if found is None or not self._refire(conn, found, run, group, siblings, now):
+                raise
+            return found.id
         if escalation is not None:
             siblings.setdefault((run.id, name), []).append(Sibling(0, 0, timer.next_at, None))
         self.telemetry.alerts.labels(severity).inc()
@@ -301,6 +360,7 @@ class Alerter:
                 now=now,
                 expect=db.OPEN_ALERT_STATES,
                 detail=quiet,
+                quiet_until=now,
             ):
                 changed.append(r.id)
                 self.telemetry.alert_transitions.labels("resolved").inc()
@@ -334,7 +394,7 @@ class Alerter:
                 alert.escalation,
                 alert.esc_step,
             )
-            self._set_timer(conn, alert, None, now=None, silenced_by=None)
+            self._set_timer(conn, alert, None, now=alert.notified_at, silenced_by=None)
             return
         holding = [
             s
@@ -354,7 +414,7 @@ class Alerter:
             longest = max(holding, key=lambda s: s.ends_at)
             held = Timer(timer.esc_round, timer.esc_step, timer.base_at, longest.ends_at)
             stored = self._set_timer(
-                conn, alert, held, now=alert.notified_at, silenced_by=longest.id
+                conn, alert, held, now=alert.notified_at, silenced_by=longest.id, still=now
             )
             if stored and alert.silenced_by != longest.id:
                 db.add_event(
@@ -363,19 +423,18 @@ class Alerter:
             return
         if alert.silenced_by is not None:
             timer = rebased(escalation, timer, now)
-        nxt = after_step(self.config, escalation, timer, now)
-        if not self._set_timer(conn, alert, nxt, now=now, silenced_by=None):
-            return  # acknowledged, or stepped by another collector, since it was read
         step = escalation.steps[timer.esc_step]
         event = event_of(timer)
-        sent, quiet = [], []
-        for name in step.notify:
-            channel = self.config.channels[name]
-            if self.config.is_quiet(alert.severity, channel.type):
-                quiet.append(name)
-                continue
-            sent.append(name)
-            for target in channel.targets:
+        sent = [n for n in step.notify if not self._quiet(alert, n)]
+        quiet = [n for n in step.notify if n not in sent]
+        nxt = after_step(self.config, escalation, timer, now)
+        # A step that reached nobody (all quiet) is no message: it must not hold the run's
+        # next alerts back for a group_interval.
+        notified = now if sent else alert.notified_at
+        if not self._set_timer(conn, alert, nxt, now=notified, silenced_by=None):
+            return  # acknowledged, or stepped by another collector, since it was read
+        for name in sent:
+            for target in self.config.channels[name].targets:
                 key = _Message(alert.project_id, alert.run_id, name, target, event, timer.esc_step)
                 outbox.setdefault(key, []).append(alert.id)
         detail = f"{alert.escalation} step {timer.esc_step + 1}/{len(escalation.steps)}"
@@ -386,6 +445,9 @@ class Alerter:
             detail += f" (quiet for {alert.severity}: {', '.join(quiet)})"
         db.add_event(conn, alert.id, now, "notified", SYSTEM, detail)
 
+    def _quiet(self, alert: db.AlertRecord, channel: str) -> bool:
+        return self.config.is_quiet(alert.severity, self.config.channels[channel].type)
+
     def _set_timer(
         self,
         conn: Connection,
@@ -394,8 +456,10 @@ class Alerter:
         *,
         now: float | None,
         silenced_by: int | None,
+        still: float | None = None,
     ) -> bool:
-        """Compare-and-set the timer of a firing alert as it was read."""
+        """Compare-and-set the timer of a firing alert as it was read; with ``still``, only
+        while silence ``silenced_by`` is in force then (it may have been ended meanwhile)."""
         values: dict[str, object] = {"silenced_by": silenced_by, "notified_at": now}
         if timer is None:
             values["next_at"] = None
@@ -406,19 +470,18 @@ class Alerter:
                 "base_at": timer.base_at,
                 "next_at": timer.next_at,
             }
-        return bool(
-            conn.execute(
-                update(alerts)
-                .where(
-                    alerts.c.id == alert.id,
-                    alerts.c.state == "firing",
-                    alerts.c.esc_round == alert.esc_round,
-                    alerts.c.esc_step == alert.esc_step,
-                    alerts.c.next_at == alert.next_at,
-                )
-                .values(**values)
-            ).rowcount
+        query = update(alerts).where(
+            alerts.c.id == alert.id,
+            alerts.c.state == "firing",
+            alerts.c.esc_round == alert.esc_round,
+            alerts.c.esc_step == alert.esc_step,
+            alerts.c.next_at == alert.next_at,
         )
+        if still is not None:
+            query = query.where(
+                exists().where(silence_rows.c.id == silenced_by, silence_rows.c.ends_at > still)
+            )
+        return bool(conn.execute(query.values(**values)).rowcount)
 
     # -- people -------------------------------------------------------------------------
 

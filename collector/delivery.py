@@ -42,6 +42,11 @@ BATCH = 200
 LEASE_SECONDS = 120.0
 """A claimed notification not finished within this long is taken to be lost with its worker."""
 MAX_ERROR_LENGTH = 500
+NOTHING_TO_SAY = {
+    False: "its alerts were acknowledged, resolved or silenced before it went out",
+    True: "the page about its alerts never went out",
+}
+"""Why a message is cancelled: keyed by whether it reports a change of state."""
 ACK_PATH = "/api/v1/hooks/ack"
 VOICE_PATH = "/api/v1/hooks/twilio/voice"
 
@@ -80,12 +85,6 @@ class Deliverer:
             due = [n for n in db.due_notifications(conn, now, BATCH) if n.id not in self._in_flight]
         futures: list[Future[None]] = []
         for n in due:
-            limit = self._limit(n.channel, now)
-            if limit > 0:
-                with self.store.write() as conn:
-                    db.defer_notification(conn, n.id, now + limit)
-                self.telemetry.notifications.labels(n.channel_type, "deferred").inc()
-                continue
             with self.store.write() as conn:
                 if not db.claim_notification(conn, n.id, now + LEASE_SECONDS):
                     continue
@@ -123,12 +122,15 @@ class Deliverer:
         message = self._message(n, now)
         if message is None:
             with self.store.write() as conn:
-                db.cancel_notification(
-                    conn,
-                    n.id,
-                    "its alerts were acknowledged, resolved or silenced before it went out",
-                )
+                db.cancel_notification(conn, n.id, NOTHING_TO_SAY[n.event in STATE_EVENTS])
             self.telemetry.notifications.labels(n.channel_type, "cancelled").inc()
+            return
+        # The rate limit counts messages that go out, not those cancelled above.
+        wait = self._limit(n.channel, now)
+        if wait > 0:
+            with self.store.write() as conn:
+                db.defer_notification(conn, n.id, now + wait, claimed=True)
+            self.telemetry.notifications.labels(n.channel_type, "deferred").inc()
             return
         started = time.monotonic()
         try:
@@ -156,7 +158,7 @@ class Deliverer:
         attempt = n.attempts + 1
         error = exc.detail[:MAX_ERROR_LENGTH]
         if exc.retryable and attempt <= retries:
-            delay = max(exc.retry_after or 0.0, backoff(first, cap, attempt))
+            delay = max(min(exc.retry_after or 0.0, cap), backoff(first, cap, attempt))
             self._finish(n, now, time.monotonic() - started, "pending", error, retry_at=now + delay)
             self.telemetry.notifications.labels(n.channel_type, "retried").inc()
             log.warning(
@@ -229,6 +231,9 @@ class Deliverer:
                         for s in silences
                     )
                 ]
+            else:  # told only about alerts this target was paged about (a page sent)
+                paged = db.paged_alerts(conn, [a.id for a in found], n.channel, n.target)
+                found = [a for a in found if a.id in paged]
             if not found:
                 return None
             ids = tuple(a.id for a in found)

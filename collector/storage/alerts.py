@@ -33,6 +33,7 @@ from runwatch.collector.storage.tables import (
 ALERT_STATES = ("firing", "acknowledged", "resolved")
 OPEN_ALERT_STATES = ("firing", "acknowledged")
 NOTIFICATION_STATES = ("pending", "sending", "sent", "failed", "cancelled")
+ATTENTION_EVENTS = ("firing", "escalated", "repeat")
 MAX_SUMMARY_LENGTH = 2000
 SILENCE_FIELDS = ("run", "run_id", "kind", "key", "severity")
 """What a silence's matchers may name: run (name glob), run_id (exact), kind, key, severity."""
@@ -287,10 +288,16 @@ def due_alerts(conn: Connection, now: float, limit: int) -> list[AlertRecord]:
     rows = conn.execute(
         _alert_query()
         .where(alerts.c.next_at <= now, alerts.c.state == "firing")
-        .order_by(alerts.c.next_at, alerts.c.id)
+        .order_by(alerts.c.next_at, alerts.c.run_id, alerts.c.id)
         .limit(limit)
     )
-    return [_alert(r) for r in rows]
+    found = [_alert(r) for r in rows]
+    if len(found) == limit and found[0].run_id != found[-1].run_id:
+        # The limit may cut the last run's alerts in two, and so its message: leave them all
+        # to the next tick.
+        last = found[-1].run_id
+        found = [a for a in found if a.run_id != last]
+    return found
 
 
 def open_alerts_by_fingerprint(
@@ -382,9 +389,11 @@ def set_state(
     now: float,
     expect: Sequence[str],
     detail: str = "",
+    quiet_until: float | None = None,
 ) -> bool:
-    """Move an alert to ``acknowledged`` or ``resolved`` if it is in one of ``expect``; stops
-    its escalation. False when it was not (someone else moved it first)."""
+    """Move an alert to ``acknowledged`` or ``resolved`` if it is in one of ``expect`` (and,
+    with ``quiet_until``, has been quiet until then); stops its escalation. False when it was
+    not (someone else moved it first, or it fired again)."""
     values: dict[str, Any] = {"state": to, "next_at": None}
     if to == "acknowledged":
         values |= {"acknowledged_at": now, "acknowledged_by": by}
@@ -395,9 +404,10 @@ def set_state(
             "open_fingerprint": None,
             "resolve_at": None,
         }
-    done = conn.execute(
-        update(alerts).where(alerts.c.id == alert_id, alerts.c.state.in_(expect)).values(**values)
-    ).rowcount
+    query = update(alerts).where(alerts.c.id == alert_id, alerts.c.state.in_(expect))
+    if quiet_until is not None:
+        query = query.where(alerts.c.resolve_at <= quiet_until)
+    done = conn.execute(query.values(**values)).rowcount
     if done:
         add_event(conn, alert_id, now, to, by, detail)
     return bool(done)
@@ -493,11 +503,18 @@ def claim_notification(conn: Connection, notification_id: int, lease_until: floa
     )
 
 
-def defer_notification(conn: Connection, notification_id: int, until: float) -> None:
+def defer_notification(
+    conn: Connection, notification_id: int, until: float, *, claimed: bool = False
+) -> None:
+    """Not before ``until``, without spending an attempt; ``claimed``: handed back by the
+    worker that claimed it."""
     conn.execute(
         update(notifications)
-        .where(notifications.c.id == notification_id, notifications.c.state == "pending")
-        .values(next_attempt_at=until)
+        .where(
+            notifications.c.id == notification_id,
+            notifications.c.state == ("sending" if claimed else "pending"),
+        )
+        .values(state="pending", next_attempt_at=until, lease_until=None)
     )
 
 
@@ -602,6 +619,27 @@ def first_ref(conn: Connection, alert_ids: Sequence[int], channel: str, target: 
     return None if row is None else row.provider_ref
 
 
+def paged_alerts(conn: Connection, alert_ids: Sequence[int], channel: str, target: str) -> set[int]:
+    """The alerts among ``alert_ids`` that a message asking for attention was sent about to
+    this channel and target."""
+    found: set[int] = set()
+    for chunk in _chunks(list(alert_ids)):
+        found.update(
+            conn.execute(
+                select(notification_alerts.c.alert_id)
+                .join(notifications, notification_alerts.c.notification_id == notifications.c.id)
+                .where(
+                    notification_alerts.c.alert_id.in_(chunk),
+                    notifications.c.channel == channel,
+                    notifications.c.target == target,
+                    notifications.c.event.in_(ATTENTION_EVENTS),
+                    notifications.c.state == "sent",
+                )
+            ).scalars()
+        )
+    return found
+
+
 def reached(conn: Connection, alert_id: int) -> list[tuple[str, str]]:
     """(channel, target) pairs that were sent, or are sending, a message asking for attention
     about the alert: who gets told when its state changes."""
@@ -610,7 +648,7 @@ def reached(conn: Connection, alert_id: int) -> list[tuple[str, str]]:
         .join(notification_alerts, notification_alerts.c.notification_id == notifications.c.id)
         .where(
             notification_alerts.c.alert_id == alert_id,
-            notifications.c.event.in_(("firing", "escalated", "repeat")),
+            notifications.c.event.in_(ATTENTION_EVENTS),
             notifications.c.state.in_(("sent", "sending")),
         )
         .distinct()
