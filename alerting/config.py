@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import math
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -72,7 +74,10 @@ def seconds(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("a duration is a number of seconds or text such as '5m'")
     if isinstance(value, int | float):
-        found = float(value)
+        try:
+            found = float(value)
+        except OverflowError:  # an int too large for a float
+            found = math.inf
     elif isinstance(value, str) and _DURATION.match(value.strip()):
         found = sum(float(n) * _UNITS[u] for n, u in _PART.findall(value.strip()))
     else:
@@ -215,8 +220,19 @@ class WebhookChannel(_Channel):
     @field_validator("url")
     @classmethod
     def _http(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"not an http(s) URL: {value!r}")
+        """A URL the notifier can post to. The message names only its scheme and host: hook
+        URLs often carry a secret in their path."""
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not one
+            httpx.URL(value)
+        except (ValueError, httpx.InvalidURL):
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            shown = (
+                value.split("/")[0] + "//" + value.split("/")[2] if value.count("/") >= 2 else "?"
+            )
+            raise ValueError(f"not a usable http(s) URL (it starts {shown[:80]!r})")
         return value
 
     @property

@@ -34,7 +34,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, exists, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from runwatch.alerting.config import NO_ESCALATION, AlertingConfig
 from runwatch.alerting.escalation import Sibling, Timer, after_step, event_of, first_timer, rebased
@@ -131,6 +131,8 @@ class Alerter:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._broken: set[int] = set()
+        """Alerts whose step raised, logged once each."""
 
     # -- intake -------------------------------------------------------------------------
 
@@ -374,7 +376,14 @@ class Alerter:
         silences = db.active_silences(conn, {a.project_id for a in due}, now)
         outbox: dict[_Message, list[int]] = {}
         for alert in due:
-            self._step(conn, alert, silences, now, outbox)
+            try:
+                self._step(conn, alert, silences, now, outbox)
+            except DBAPIError:
+                raise  # the transaction is lost: the whole tick is retried
+            except Exception:  # one alert's trouble must not hold every other page back
+                if alert.id not in self._broken:
+                    self._broken.add(alert.id)
+                    log.exception("alert %d: its escalation step failed; it is retried", alert.id)
         self._write(conn, outbox, now)
 
     def _step(
@@ -431,12 +440,15 @@ class Alerter:
         # A step that reached nobody (all quiet) is no message: it must not hold the run's
         # next alerts back for a group_interval.
         notified = now if sent else alert.notified_at
+        keys = [
+            _Message(alert.project_id, alert.run_id, name, target, event, timer.esc_step)
+            for name in sent
+            for target in self.config.channels[name].targets
+        ]
         if not self._set_timer(conn, alert, nxt, now=notified, silenced_by=None):
             return  # acknowledged, or stepped by another collector, since it was read
-        for name in sent:
-            for target in self.config.channels[name].targets:
-                key = _Message(alert.project_id, alert.run_id, name, target, event, timer.esc_step)
-                outbox.setdefault(key, []).append(alert.id)
+        for key in keys:
+            outbox.setdefault(key, []).append(alert.id)
         detail = f"{alert.escalation} step {timer.esc_step + 1}/{len(escalation.steps)}"
         if timer.esc_round:
             detail += f", round {timer.esc_round + 1}"

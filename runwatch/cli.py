@@ -803,7 +803,7 @@ def parse_matchers(matches: tuple[str, ...]) -> dict[str, str | int]:
         if name in found:
             raise BadInput(f"--match: {name} is given twice")
         if name == "run_id":
-            if not value.isdigit() or int(value) < 1:
+            if not (value.isascii() and value.isdigit()) or int(value) < 1:
                 raise BadInput(f"--match run_id takes a run id, not {value!r}")
             found[name] = int(value)
         else:
@@ -814,9 +814,12 @@ def parse_matchers(matches: tuple[str, ...]) -> dict[str, str | int]:
 def _duration(text: str) -> float | str:
     """A number of seconds as a number; text such as ``2h`` as is (the server reads it)."""
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         return text
+    if not math.isfinite(seconds):
+        raise BadInput(f"--duration takes a length of time such as 30m or 2h, not {text!r}")
+    return seconds
 
 
 @silences_group.command("create")

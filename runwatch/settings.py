@@ -9,11 +9,13 @@ import ipaddress
 import os
 import socket
 from functools import cached_property
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DB_URL = "sqlite:///./runwatch.db"
+MIN_SECRET_LENGTH = 32
 
 
 class Settings(BaseSettings):
@@ -130,14 +132,59 @@ class Settings(BaseSettings):
     smtp_ssl: bool = Field(False, description="Connect with TLS from the start (port 465).")
     smtp_from: str = Field("runwatch@localhost", description="From address of e-mail alerts.")
 
-    @field_validator("public_url")
+    @field_validator(
+        "secret_key",
+        "slack_bot_token",
+        "slack_signing_secret",
+        "twilio_account_sid",
+        "twilio_auth_token",
+        "twilio_from_number",
+        "smtp_host",
+        "smtp_username",
+        "smtp_password",
+        "public_url",
+        "twilio_api_url",
+        mode="before",
+    )
     @classmethod
-    def _public_url(cls, value: str | None) -> str | None:
-        if value is None or value == "":
+    def _empty_is_unset(cls, value: object) -> object:
+        """An empty secret is no secret: treated as unset, never used as a key."""
+        return None if value == "" else value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_SECRET_LENGTH:
+            raise ValueError(
+                f"secret_key must be at least {MIN_SECRET_LENGTH} characters (or unset: the "
+                "collector then makes one)"
+            )
+        return value
+
+    @field_validator("public_url", "twilio_api_url", "slack_api_url")
+    @classmethod
+    def _base_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """An http(s) URL with a host and nothing after its path: links are built on it.
+        Slack's Web API client wants a trailing slash, the others none."""
+        if value is None:
             return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError(f"public_url must be an http(s) URL, not {value!r}")
-        return value.rstrip("/")
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not one
+        except ValueError:
+            parts = None
+        if (
+            parts is None
+            or parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+        ):
+            raise ValueError(
+                "must be an http(s) URL with a host and no query or fragment, such as "
+                "'https://runwatch.example.com'"
+            )
+        return value.rstrip("/") + ("/" if info.field_name == "slack_api_url" else "")
 
     @model_validator(mode="after")
     def _channels_configured(self) -> Settings:

@@ -8,6 +8,7 @@ demo shows who would have been paged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TextIO
 
@@ -19,7 +20,9 @@ log = logging.getLogger("runwatch.alerts")
 
 def render(message: Message, target: str) -> str:
     """``[runwatch] escalated, step 2 -> sms oncall`` (steps counted from 1) then the
-    message's text, indented."""
+    message's text, indented, without the acknowledge link: logs are read by more people
+    than the alert's (anyone with the link could acknowledge it)."""
+    message = dataclasses.replace(message, ack_url=None, voice_url=None)
     step = f", step {message.step + 1}" if message.step is not None else ""
     to = f" -> {target}" if target else ""
     head = f"[runwatch] {message.event}{step}{to}"

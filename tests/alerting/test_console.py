@@ -34,7 +34,6 @@ EXPECTED = """\
   - #1 [critical] divergence on train/loss at step 1200: loss diverged
   - #2 [warning] hang: loss diverged
   run: http://127.0.0.1:8000/runs/7
-  acknowledge: http://127.0.0.1:8000/ack/TOKEN
 """
 
 

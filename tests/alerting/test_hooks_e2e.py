@@ -159,7 +159,7 @@ class World:
             public_url=f"http://127.0.0.1:{port}",
             policy=self.policy(steps, **alerting),
             alert_tick_seconds=0.05,
-            secret_key="e2e-link-secret",
+            secret_key="e2e-link-secret-of-at-least-32-characters",
             slack_bot_token=BOT_TOKEN,
             slack_signing_secret=SIGNING_SECRET,
             slack_api_url=self.slack.base_url,

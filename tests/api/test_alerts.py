@@ -397,7 +397,9 @@ def test_deliveries_show_every_attempt(hooked: tuple[Collector, Hook]) -> None:
             return found if found and found[0]["state"] == "sent" else []
 
         (first,) = wait_for(sent)
-        assert (first["channel"], first["type"], first["target"]) == ("hook", "webhook", hook.url)
+        # The target is the hook's scheme and host: its path may hold a secret.
+        origin = hook.url.removesuffix("/hook")
+        assert (first["channel"], first["type"], first["target"]) == ("hook", "webhook", origin)
         assert (first["event"], first["step"], first["attempts"]) == ("firing", 1, 2)
         assert first["alert_ids"] == [alert]
         assert first["sent_at"] is not None and "500" in first["last_error"]
