@@ -73,26 +73,41 @@ class Deliverer:
         self.secret = secret
         self.public_url = None if public_url is None else public_url.rstrip("/")
         self.clock = clock
+        self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="runwatch-notify")
         self._buckets: dict[str, TokenBucket] = {}
         self._in_flight: set[int] = set()
 
     def deliver(self, *, wait: bool = True) -> int:
-        """Claim the due notifications and send them; with ``wait``, return when all are
-        finished. Returns how many were claimed."""
+        """Claim due notifications and send them. Without ``wait`` (the dispatcher's loop)
+        one round, claiming no more than the workers will start on soon, since a claim's
+        lease runs from the moment it is taken; with ``wait``, rounds until nothing due is
+        left, each waited for. Returns how many were claimed."""
+        claimed = 0
+        while True:
+            room = 2 * self.workers - len(self._in_flight)
+            futures = self._claim(room) if room > 0 else []
+            claimed += len(futures)
+            if not wait:
+                return claimed
+            wait_all(futures)
+            if not futures:
+                return claimed
+
+    def _claim(self, room: int) -> list[Future[None]]:
         now = self.clock()
         with self.store.read() as conn:
             due = [n for n in db.due_notifications(conn, now, BATCH) if n.id not in self._in_flight]
         futures: list[Future[None]] = []
         for n in due:
+            if len(futures) >= room:
+                break
             with self.store.write() as conn:
                 if not db.claim_notification(conn, n.id, now + LEASE_SECONDS):
                     continue
             self._in_flight.add(n.id)
             futures.append(self._pool.submit(self._send, n))
-        if wait:
-            wait_all(futures)
-        return len(futures)
+        return futures
 
     def _limit(self, channel: str, now: float) -> float:
         """Seconds until ``channel`` may send again (0: now, and the send is counted)."""
