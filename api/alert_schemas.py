@@ -18,14 +18,10 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 from runwatch.alerting.config import seconds
 from runwatch.api.schemas import Body, FiniteFloat
 from runwatch.collector.errors import InvalidInput
-from runwatch.collector.storage.alerts import (
-    MAX_SUMMARY_LENGTH,
-    AlertEventRecord,
-    AlertRecord,
-    NotificationRecord,
-    SilenceRecord,
-)
+from runwatch.collector.storage.alerts import MAX_SUMMARY_LENGTH, AlertEventRecord, AlertRecord
 from runwatch.collector.storage.checkpoints import MAX_STEP
+from runwatch.collector.storage.notifications import NotificationRecord
+from runwatch.collector.storage.silences import SilenceRecord
 from runwatch.wire import MAX_ID, MAX_KEY_LENGTH
 
 Severity = Literal["info", "warning", "critical"]

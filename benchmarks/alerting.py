@@ -34,7 +34,8 @@ from sqlalchemy import func, select
 from benchmarks.ingest import postgres_database
 from runwatch.alerting.config import AlertingConfig
 from runwatch.alerting.message import Message
-from runwatch.collector.alerts import Alerter, Signal
+from runwatch.collector.alert_intake import Signal
+from runwatch.collector.alerts import Alerter
 from runwatch.collector.storage import migrate
 from runwatch.collector.storage.runs import create_or_resume
 from runwatch.collector.storage.store import Store

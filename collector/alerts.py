@@ -3,11 +3,10 @@
 Stages, in the spirit of Alertmanager's pipeline (see DESIGN.md, "Data flow" 5):
 
 1. **Intake** (:meth:`Alerter.on_anomalies` from the detection thread, :meth:`raise_alert`
-   from the policy engine and the API). Signals are deduplicated by fingerprint (run, kind,
-   series): a detector firing every step adds to one alert's ``count``. A new alert is
-   routed (the first matching route of the ``alerting:`` configuration picks its escalation
-   policy) and gets its timer (grouped with the other alerts of its run; see
-   :mod:`runwatch.alerting.escalation`).
+   from the policy engine and the API; :mod:`runwatch.collector.alert_intake`). Signals are
+   deduplicated by fingerprint (run, kind, series): a detector firing every step adds to
+   one alert's ``count``. A new alert is routed (the first matching route of the
+   ``alerting:`` configuration picks its escalation policy) and gets its timer.
 2. **Tick** (:meth:`tick`, every ``tick_seconds`` in the dispatcher thread). Alerts quiet
    for their ``resolve_after`` are resolved. Firing alerts whose ``next_at`` has come take
    their next step: unless a silence holds them (then they wait for its end), the step's
@@ -29,24 +28,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, exists, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 
-from runwatch.alerting.config import NO_ESCALATION, AlertingConfig
-from runwatch.alerting.escalation import Sibling, Timer, after_step, event_of, first_timer, rebased
-from runwatch.alerting.message import SEVERITY_RANK
+from runwatch.alerting.config import AlertingConfig
+from runwatch.alerting.escalation import Timer, after_step, event_of, rebased
 from runwatch.alerting.notifiers.base import Notifier
 from runwatch.alerting.silence import check_matchers, silence_matches
+from runwatch.collector.alert_intake import SYSTEM, Intake, Signal
 from runwatch.collector.delivery import Deliverer
 from runwatch.collector.errors import Conflict, InvalidInput, NotFound
 from runwatch.collector.storage import alerts as db
+from runwatch.collector.storage import notifications as outbox_db
+from runwatch.collector.storage import silences as silence_db
 from runwatch.collector.storage.anomalies import Found
 from runwatch.collector.storage.store import Store
-from runwatch.collector.storage.tables import alerts, projects, runs
+from runwatch.collector.storage.tables import alerts
 from runwatch.collector.storage.tables import silences as silence_rows
 from runwatch.collector.telemetry import Telemetry
 
@@ -54,8 +54,6 @@ log = logging.getLogger("runwatch.collector.alerts")
 
 MAX_DUE = 1000
 """Alerts one tick acts on; the rest wait for the next tick (a second later)."""
-SYSTEM = "runwatch"
-"""Who automatic transitions are by."""
 RECEIPT_SECONDS = 3600.0
 """Receipts of signed requests kept for replay checks: longer than Slack's 5-minute window
 and than any phone call."""
@@ -63,19 +61,6 @@ and than any phone call."""
 
 class Replayed(Exception):
     """A signed request (a Slack click, a keypress) that was received before."""
-
-
-@dataclass(frozen=True, slots=True)
-class Signal:
-    """One firing of an alert condition."""
-
-    run_id: int
-    kind: str
-    key: str
-    severity: str
-    summary: str
-    source: str
-    step: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,14 +73,6 @@ class _Message:
     target: str
     event: str
     step: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Run:
-    id: int
-    name: str
-    project_id: int
-    project: str
 
 
 class Alerter:
@@ -129,6 +106,7 @@ class Alerter:
             clock=clock,
             workers=workers,
         )
+        self._intake = Intake(store, config, telemetry, clock)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._broken: set[int] = set()
@@ -156,6 +134,10 @@ class Alerter:
             self.telemetry.detection_failures.labels("alerts").inc()
             log.exception("could not record alerts for %d anomalies", len(signals))
 
+    def intake(self, signals: Sequence[Signal]) -> list[int]:
+        """Record signals; the ids of the alerts they went into (see ``alert_intake``)."""
+        return self._intake.intake(signals)
+
     def raise_alert(
         self,
         *,
@@ -174,173 +156,13 @@ class Alerter:
         with self.store.read() as conn:
             return db.get_alert(conn, ids[0])
 
-    def intake(self, signals: Sequence[Signal]) -> list[int]:
-        """Record signals; the ids of the alerts they went into, in order of first signal."""
-        if not signals:
-            return []
-        now = self.clock()
-        grouped: dict[str, list[Signal]] = {}
-        for s in signals:
-            grouped.setdefault(db.fingerprint(s.run_id, s.kind, s.key), []).append(s)
-        ids: list[int] = []
-        with self.store.write() as conn:
-            known = _runs(conn, {s.run_id for s in signals})
-            existing = db.open_alerts_by_fingerprint(conn, list(grouped))
-            siblings = self._siblings(conn, {s.run_id for s in signals if s.run_id in known})
-            for fp, group in grouped.items():
-                run = known.get(group[0].run_id)
-                if run is None:
-                    continue
-                found = existing.get(fp)
-                if found is not None and self._refire(conn, found, run, group, siblings, now):
-                    ids.append(found.id)
-                else:  # new, or resolved since it was read: a new alert
-                    ids.append(self._new(conn, run, fp, group, siblings, now))
-        self.telemetry.alert_signals.inc(len(signals))
-        return ids
-
-    def _siblings(
-        self, conn: Connection, run_ids: set[int]
-    ) -> dict[tuple[int, str], list[Sibling]]:
-        found: dict[tuple[int, str], list[Sibling]] = {}
-        for a in db.open_alerts_of_runs(conn, sorted(run_ids)):
-            if a.escalation is not None:
-                found.setdefault((a.run_id, a.escalation), []).append(
-                    Sibling(
-                        a.esc_round, a.esc_step, a.next_at, a.notified_at, a.silenced_by is not None
-                    )
-                )
-        return found
-
-    def _refire(
-        self,
-        conn: Connection,
-        alert: db.AlertRecord,
-        run: _Run,
-        group: list[Signal],
-        siblings: dict[tuple[int, str], list[Sibling]],
-        now: float,
-    ) -> bool:
-        """Count ``group`` into an open alert; False when it is not open any more."""
-        severity = max((s.severity for s in group), key=SEVERITY_RANK.__getitem__)
-        raised = SEVERITY_RANK[severity] > SEVERITY_RANK[alert.severity]
-        steps = [s.step for s in group if s.step is not None]
-        values: dict[str, object] = {"count": alerts.c.count + len(group), "last_seen_at": now}
-        if steps:
-            known = [s for s in (alert.first_step, alert.last_step) if s is not None]
-            values["first_step"] = min(steps + known)
-            values["last_step"] = max(steps + known)
-        if alert.resolve_after is not None:
-            values["resolve_at"] = now + alert.resolve_after
-        rerouted = None
-        if raised:
-            values |= {"severity": severity, "summary": group[-1].summary[: db.MAX_SUMMARY_LENGTH]}
-            if alert.state == "firing":
-                rerouted = self._reroute(alert, run, severity, siblings, now, values)
-        done = conn.execute(
-            update(alerts)
-            .where(alerts.c.id == alert.id, alerts.c.state.in_(db.OPEN_ALERT_STATES))
-            .values(**values)
-        ).rowcount
-        if not done:
-            return False
-        if raised:
-            db.add_event(conn, alert.id, now, "severity", group[-1].source, severity)
-        if rerouted is not None:
-            db.add_event(conn, alert.id, now, "rerouted", SYSTEM, rerouted)
-        return True
-
-    def _reroute(
-        self,
-        alert: db.AlertRecord,
-        run: _Run,
-        severity: str,
-        siblings: dict[tuple[int, str], list[Sibling]],
-        now: float,
-        values: dict[str, object],
-    ) -> str | None:
-        """A firing alert whose severity rose: routed again; a new escalation starts over.
-        Returns what changed, for the event log; None when the route keeps its escalation."""
-        route_name, route = self.config.route(run.project, severity, alert.kind, alert.key)
-        name = NO_ESCALATION if route is None else route.escalation
-        if name == (alert.escalation or NO_ESCALATION):
-            if alert.silenced_by is not None:
-                values["next_at"] = now  # the silence may not match it any more: look again
-            return None
-        values |= {"route": route_name, "escalation": None, "next_at": None, "silenced_by": None}
-        if name != NO_ESCALATION:
-            escalation = self.config.escalations[name]
-            timer = first_timer(self.config, escalation, now, siblings.get((run.id, name), []))
-            values |= {
-                "escalation": name,
-                "esc_round": timer.esc_round,
-                "esc_step": timer.esc_step,
-                "base_at": timer.base_at,
-                "next_at": timer.next_at,
-            }
-            siblings.setdefault((run.id, name), []).append(Sibling(0, 0, timer.next_at, None))
-        return f"{route_name}: escalation {alert.escalation or NO_ESCALATION} -> {name}"
-
-    def _new(
-        self,
-        conn: Connection,
-        run: _Run,
-        fp: str,
-        group: list[Signal],
-        siblings: dict[tuple[int, str], list[Sibling]],
-        now: float,
-    ) -> int:
-        first, last = group[0], group[-1]
-        severity = max((s.severity for s in group), key=SEVERITY_RANK.__getitem__)
-        route_name, route = self.config.route(run.project, severity, first.kind, first.key)
-        name = NO_ESCALATION if route is None else route.escalation
-        escalation = None if name == NO_ESCALATION else self.config.escalations[name]
-        timer = Timer(0, 0, None, None)
-        if escalation is not None:
-            timer = first_timer(self.config, escalation, now, siblings.get((run.id, name), []))
-        steps = [s.step for s in group if s.step is not None]
-        new = db.NewAlert(
-            project_id=run.project_id,
-            run_id=run.id,
-            fingerprint=fp,
-            kind=first.kind,
-            key=first.key,
-            severity=severity,
-            summary=last.summary,
-            source=first.source,
-            count=len(group),
-            first_seen_at=now,
-            last_seen_at=now,
-            first_step=min(steps) if steps else None,
-            last_step=max(steps) if steps else None,
-            route=route_name,
-            escalation=None if escalation is None else name,
-            base_at=timer.base_at,
-            next_at=timer.next_at,
-            resolve_after=self.config.resolve_after_of(route),
-        )
-        try:
-            # PostgreSQL: another writer may open the same fingerprint meanwhile (SQLite
-            # writers take turns); a savepoint keeps this transaction usable if it did.
-            with conn.begin_nested() if self.store.dialect == "postgresql" else nullcontext():
-                alert_id = db.insert_alert(conn, new, now)
-        except IntegrityError:
-            found = db.open_alerts_by_fingerprint(conn, [fp]).get(fp)
-            if found is None or not self._refire(conn, found, run, group, siblings, now):
-                raise
-            return found.id
-        if escalation is not None:
-            siblings.setdefault((run.id, name), []).append(Sibling(0, 0, timer.next_at, None))
-        self.telemetry.alerts.labels(severity).inc()
-        return alert_id
-
     # -- the timer ----------------------------------------------------------------------
 
     def tick(self) -> None:
         """Resolve quiet alerts, take the escalation steps that are due."""
         now = self.clock()
         with self.store.write() as conn:
-            db.release_expired_leases(conn, now)
+            outbox_db.release_expired_leases(conn, now)
             self._resolve_quiet(conn, now)
             self._escalate(conn, now)
 
@@ -373,7 +195,7 @@ class Alerter:
         due = db.due_alerts(conn, now, MAX_DUE)
         if not due:
             return
-        silences = db.active_silences(conn, {a.project_id for a in due}, now)
+        silences = silence_db.active_silences(conn, {a.project_id for a in due}, now)
         outbox: dict[_Message, list[int]] = {}
         for alert in due:
             try:
@@ -390,7 +212,7 @@ class Alerter:
         self,
         conn: Connection,
         alert: db.AlertRecord,
-        silences: list[db.SilenceRecord],
+        silences: list[silence_db.SilenceRecord],
         now: float,
         outbox: dict[_Message, list[int]],
     ) -> None:
@@ -541,9 +363,9 @@ class Alerter:
         now = self.clock()
         with self.store.write() as conn:
             if receipt is not None:
-                if not db.first_receipt(conn, *receipt, now):
+                if not outbox_db.first_receipt(conn, *receipt, now):
                     raise Replayed
-                db.forget_receipts(conn, now - RECEIPT_SECONDS)
+                outbox_db.forget_receipts(conn, now - RECEIPT_SECONDS)
             found = {
                 a.id: a
                 for a in db.get_alerts(conn, alert_ids)
@@ -577,7 +399,7 @@ class Alerter:
         """State messages to the channels that paged about ``changed`` and show state."""
         outbox: dict[_Message, list[int]] = {}
         for alert in changed:
-            for channel, target in db.reached(conn, alert.id):
+            for channel, target in outbox_db.reached(conn, alert.id):
                 config = self.config.channels.get(channel)
                 if config is not None and config.tells_state():
                     key = _Message(alert.project_id, alert.run_id, channel, target, event, None)
@@ -587,7 +409,7 @@ class Alerter:
     def _write(self, conn: Connection, outbox: dict[_Message, list[int]], now: float) -> None:
         """One outbox row per message, naming every alert it is about."""
         for m, ids in outbox.items():
-            db.insert_notification(
+            outbox_db.insert_notification(
                 conn,
                 project_id=m.project_id,
                 run_id=m.run_id,
@@ -609,7 +431,7 @@ class Alerter:
         ends_at: float,
         created_by: str,
         comment: str,
-    ) -> db.SilenceRecord:
+    ) -> silence_db.SilenceRecord:
         try:
             checked = check_matchers(matchers)
         except ValueError as exc:
@@ -618,7 +440,7 @@ class Alerter:
             raise InvalidInput("a silence must end after it starts")
         now = self.clock()
         with self.store.write() as conn:
-            silence = db.create_silence(
+            silence = silence_db.create_silence(
                 conn,
                 project_id=project_id,
                 matchers=checked,
@@ -635,11 +457,13 @@ class Alerter:
 
     def expire_silence(
         self, silence_id: int, *, by: str, project_id: int | None
-    ) -> db.SilenceRecord:
+    ) -> silence_db.SilenceRecord:
         """End a silence now; alerts it held take their due step at the next tick."""
         now = self.clock()
         with self.store.write() as conn:
-            silence = db.expire_silence(conn, silence_id, by=by, now=now, project_id=project_id)
+            silence = silence_db.expire_silence(
+                conn, silence_id, by=by, now=now, project_id=project_id
+            )
             # Held alerts wait for the silence's old end: wake them now.
             conn.execute(
                 update(alerts)
@@ -672,15 +496,3 @@ class Alerter:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.deliverer.close()
-
-
-def _runs(conn: Connection, run_ids: Iterable[int]) -> dict[int, _Run]:
-    ids = sorted(set(run_ids))
-    if not ids:
-        return {}
-    rows = conn.execute(
-        select(runs.c.id, runs.c.name, runs.c.project_id, projects.c.name.label("project"))
-        .join(projects, projects.c.id == runs.c.project_id)
-        .where(runs.c.id.in_(ids))
-    )
-    return {r.id: _Run(r.id, r.name, r.project_id, r.project) for r in rows}

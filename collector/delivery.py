@@ -32,6 +32,8 @@ from runwatch.alerting.retry import TokenBucket, backoff
 from runwatch.alerting.silence import silence_matches
 from runwatch.alerting.tokens import AckToken, sign_ack
 from runwatch.collector.storage import alerts as db
+from runwatch.collector.storage import notifications as outbox_db
+from runwatch.collector.storage import silences as silence_db
 from runwatch.collector.storage.store import Store
 from runwatch.collector.telemetry import Telemetry
 
@@ -97,13 +99,17 @@ class Deliverer:
     def _claim(self, room: int) -> list[Future[None]]:
         now = self.clock()
         with self.store.read() as conn:
-            due = [n for n in db.due_notifications(conn, now, BATCH) if n.id not in self._in_flight]
+            due = [
+                n
+                for n in outbox_db.due_notifications(conn, now, BATCH)
+                if n.id not in self._in_flight
+            ]
         futures: list[Future[None]] = []
         for n in due:
             if len(futures) >= room:
                 break
             with self.store.write() as conn:
-                if not db.claim_notification(conn, n.id, now + LEASE_SECONDS):
+                if not outbox_db.claim_notification(conn, n.id, now + LEASE_SECONDS):
                     continue
             self._in_flight.add(n.id)
             futures.append(self._pool.submit(self._send, n))
@@ -119,7 +125,7 @@ class Deliverer:
             bucket = self._buckets[channel] = TokenBucket(config.rate_limit, now)
         return bucket.take(now)
 
-    def _send(self, n: db.NotificationRecord) -> None:
+    def _send(self, n: outbox_db.NotificationRecord) -> None:
         try:
             self._attempt(n)
         except Exception:
@@ -127,7 +133,7 @@ class Deliverer:
         finally:
             self._in_flight.discard(n.id)
 
-    def _attempt(self, n: db.NotificationRecord) -> None:
+    def _attempt(self, n: outbox_db.NotificationRecord) -> None:
         now = self.clock()
         channel = self.config.channels.get(n.channel)
         notifier = self.notifiers.get(n.channel)
@@ -137,14 +143,14 @@ class Deliverer:
         message = self._message(n, now)
         if message is None:
             with self.store.write() as conn:
-                db.cancel_notification(conn, n.id, NOTHING_TO_SAY[n.event in STATE_EVENTS])
+                outbox_db.cancel_notification(conn, n.id, NOTHING_TO_SAY[n.event in STATE_EVENTS])
             self.telemetry.notifications.labels(n.channel_type, "cancelled").inc()
             return
         # The rate limit counts messages that go out, not those cancelled above.
         wait = self._limit(n.channel, now)
         if wait > 0:
             with self.store.write() as conn:
-                db.defer_notification(conn, n.id, now + wait, claimed=True)
+                outbox_db.defer_notification(conn, n.id, now + wait, claimed=True)
             self.telemetry.notifications.labels(n.channel_type, "deferred").inc()
             return
         started = time.monotonic()
@@ -162,7 +168,7 @@ class Deliverer:
 
     def _failed(
         self,
-        n: db.NotificationRecord,
+        n: outbox_db.NotificationRecord,
         retries: int,
         first: float,
         cap: float,
@@ -199,7 +205,7 @@ class Deliverer:
 
     def _finish(
         self,
-        n: db.NotificationRecord,
+        n: outbox_db.NotificationRecord,
         at: float,
         duration: float,
         state: str,
@@ -209,7 +215,7 @@ class Deliverer:
         ref: str | None = None,
     ) -> None:
         with self.store.write() as conn:
-            db.finish_attempt(
+            outbox_db.finish_attempt(
                 conn,
                 n.id,
                 attempt=n.attempts + 1,
@@ -222,13 +228,13 @@ class Deliverer:
                 provider_ref=ref,
             )
 
-    def _message(self, n: db.NotificationRecord, now: float) -> Message | None:
+    def _message(self, n: outbox_db.NotificationRecord, now: float) -> Message | None:
         """The message as the alerts stand now; None when nothing is left to say."""
         attention = n.event not in STATE_EVENTS
         with self.store.read() as conn:
             found = db.get_alerts(conn, n.alert_ids)
             if attention:
-                silences = db.active_silences(conn, {a.project_id for a in found}, now)
+                silences = silence_db.active_silences(conn, {a.project_id for a in found}, now)
                 found = [
                     a
                     for a in found
@@ -247,12 +253,12 @@ class Deliverer:
                     )
                 ]
             else:  # told only about alerts this target was paged about (a page sent)
-                paged = db.paged_alerts(conn, [a.id for a in found], n.channel, n.target)
+                paged = outbox_db.paged_alerts(conn, [a.id for a in found], n.channel, n.target)
                 found = [a for a in found if a.id in paged]
             if not found:
                 return None
             ids = tuple(a.id for a in found)
-            thread = db.first_ref(conn, ids, n.channel, n.target)
+            thread = outbox_db.first_ref(conn, ids, n.channel, n.target)
         ack_url = voice_url = run_url = None
         if self.public_url is not None:
             run_url = f"{self.public_url}/api/v1/runs/{n.run_id}"

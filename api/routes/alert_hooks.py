@@ -31,6 +31,7 @@ from runwatch.api.deps import SettingsDep
 from runwatch.collector.alerts import Alerter, Replayed
 from runwatch.collector.error_handlers import error_body
 from runwatch.collector.storage import alerts as db
+from runwatch.collector.storage import notifications as outbox_db
 
 router = APIRouter(prefix="/api/v1/hooks", tags=["alert hooks"])
 
@@ -133,7 +134,7 @@ async def twilio_voice(request: Request, settings: SettingsDep) -> Response:
     def act() -> bool:
         if digits != "1":
             with alerter.store.write() as conn:
-                if not db.first_receipt(conn, "twilio", nonce, alerter.clock()):
+                if not outbox_db.first_receipt(conn, "twilio", nonce, alerter.clock()):
                     raise Replayed
             return False
         done = alerter.acknowledge(
@@ -214,7 +215,7 @@ async def ack_link(request: Request, token: Annotated[str, Form()] = "") -> HTML
 
     def act() -> list[db.AlertRecord]:
         with alerter.store.read() as conn:
-            kind = db.notification_channel_type(conn, found.notification_id) or "link"
+            kind = outbox_db.notification_channel_type(conn, found.notification_id) or "link"
         return alerter.acknowledge(
             found.alert_ids, by=f"{kind}:{found.target}", project_id=None, strict=False
         )

@@ -23,13 +23,8 @@ from runwatch.api.alert_schemas import (
     delivery_out,
 )
 from runwatch.api.deps import AlerterDep, IngestAuth, OperateAuth, ReadAuth, StoreDep
-from runwatch.collector.storage.alerts import (
-    AlertFilter,
-    events_of,
-    get_alert,
-    list_alerts,
-    notifications_of,
-)
+from runwatch.collector.storage.alerts import AlertFilter, events_of, get_alert, list_alerts
+from runwatch.collector.storage.notifications import notifications_of
 from runwatch.wire import MAX_ID
 
 router = APIRouter(prefix="/api/v1/alerts", tags=["alerts"])

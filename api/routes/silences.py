@@ -17,9 +17,9 @@ from runwatch.api.alert_schemas import CreateSilence, SilenceOut, silence_out, s
 from runwatch.api.auth import Principal
 from runwatch.api.deps import AlerterDep, OperateAuth, ReadAuth, StoreDep
 from runwatch.collector.errors import Forbidden, InvalidInput, NotFound
-from runwatch.collector.storage.alerts import get_silence, list_silences
 from runwatch.collector.storage.projects import find_project
 from runwatch.collector.storage.runs import run_project_id
+from runwatch.collector.storage.silences import get_silence, list_silences
 from runwatch.collector.storage.store import Store
 from runwatch.wire import MAX_ID
 

@@ -8,7 +8,8 @@ from typing import Any
 from runwatch.alerting.config import AlertingConfig
 from runwatch.alerting.message import Message
 from runwatch.alerting.notifiers.base import DeliveryError
-from runwatch.collector.alerts import Alerter, Signal
+from runwatch.collector.alert_intake import Signal
+from runwatch.collector.alerts import Alerter
 from runwatch.collector.storage.runs import create_or_resume
 from runwatch.collector.storage.store import Store
 from runwatch.collector.telemetry import Telemetry

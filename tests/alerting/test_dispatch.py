@@ -11,6 +11,8 @@ from sqlalchemy import func, select
 
 from runwatch.collector.errors import Conflict, InvalidInput, NotFound
 from runwatch.collector.storage import alerts as db
+from runwatch.collector.storage import notifications as outbox_db
+from runwatch.collector.storage import silences as silence_db
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.tables import notifications
 from tests.alerting.dispatch_fixtures import (
@@ -132,7 +134,7 @@ def test_a_page_waiting_in_the_outbox_is_dropped_when_its_alert_is_acknowledged(
 
     assert out["slack"].sent == []
     with store.read() as conn:
-        (n,) = db.notifications_of(conn, 1)
+        (n,) = outbox_db.notifications_of(conn, 1)
     assert n.state == "cancelled" and "acknowledged" in (n.last_error or "")
 
 
@@ -207,7 +209,7 @@ def test_a_channel_that_keeps_failing_is_retried_then_the_next_step_still_fires(
     assert out["slack"].tries == 4 and out["slack"].sent == []
     assert [s.at - start for s in out["sms"].sent] == [330.0]
     with store.read() as conn:
-        slack, sms = db.notifications_of(conn, 1)
+        slack, sms = outbox_db.notifications_of(conn, 1)
     assert (slack.state, slack.attempts, sms.state) == ("failed", 4, "sent")
     # Backoff doubles: attempts at 30, 40, 60 and 100 s.
     assert [round(a.at - start) for a in slack.log] == [30, 40, 60, 100]
@@ -224,7 +226,7 @@ def test_an_error_that_retrying_cannot_help_is_not_retried(store: Store) -> None
 
     assert out["slack"].tries == 1
     with store.read() as conn:
-        (slack,) = db.notifications_of(conn, 1)
+        (slack,) = outbox_db.notifications_of(conn, 1)
     assert (slack.state, slack.attempts) == ("failed", 1)
 
 
@@ -258,8 +260,8 @@ def test_a_notification_lost_with_its_worker_is_sent_again_after_its_lease(store
     clock.advance(30)
     alerter.tick()
     with store.write() as conn:  # a worker claimed it and died
-        (n,) = db.due_notifications(conn, clock.now, 10)
-        assert db.claim_notification(conn, n.id, clock.now + 120)
+        (n,) = outbox_db.due_notifications(conn, clock.now, 10)
+        assert outbox_db.claim_notification(conn, n.id, clock.now + 120)
     alerter.run_once()
     assert out["slack"].sent == []
     clock.advance(121)
@@ -317,7 +319,7 @@ def test_a_silence_needs_matchers_and_an_end_after_its_start(store: Store) -> No
                 comment="",
             )
     with store.read() as conn:
-        assert db.list_silences(conn, project_id=None, now=clock.now) == []
+        assert silence_db.list_silences(conn, project_id=None, now=clock.now) == []
 
 
 def test_quiet_rules_keep_low_severities_off_paging_channels(store: Store) -> None:

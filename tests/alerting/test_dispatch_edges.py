@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 
 from runwatch.collector.storage import alerts as db
+from runwatch.collector.storage import notifications as outbox_db
+from runwatch.collector.storage import silences as silence_db
 from runwatch.collector.storage.store import Store
 from tests.alerting.dispatch_fixtures import (
     ESCALATION,
@@ -195,14 +197,14 @@ def test_a_channel_is_not_told_of_an_acknowledgement_of_a_page_it_never_got(
     clock.advance(30)
     alerter.tick()
     with store.write() as conn:  # a worker has claimed the page, not yet rendered it
-        (n,) = db.due_notifications(conn, clock.now, 10)
-        assert db.claim_notification(conn, n.id, clock.now + 120)
+        (n,) = outbox_db.due_notifications(conn, clock.now, 10)
+        assert outbox_db.claim_notification(conn, n.id, clock.now + 120)
     alerter.acknowledge([1], by="api:test", project_id=None)
     alerter.deliverer._attempt(n)  # the worker renders it: cancelled, nothing is sent
     advance_to(alerter, clock, 10, step=1)
 
     with store.read() as conn:
-        states = [(x.event, x.state) for x in db.notifications_of(conn, 1)]
+        states = [(x.event, x.state) for x in outbox_db.notifications_of(conn, 1)]
     assert ("firing", "cancelled") in states
     assert [s.message.event for s in out["slack"].sent] == []
 
@@ -355,7 +357,7 @@ def test_a_silence_expired_while_the_tick_holds_an_alert_does_not_keep_holding_i
     alerter.intake([signal(run)])
     clock.advance(30)
 
-    active = db.active_silences
+    active = silence_db.active_silences
     raced = []
 
     def read_then_expire(conn: Any, project_ids: Any, now: float) -> Any:
@@ -365,9 +367,9 @@ def test_a_silence_expired_while_the_tick_holds_an_alert_does_not_keep_holding_i
             alerter.expire_silence(silence.id, by="api:test", project_id=1)
         return found
 
-    monkeypatch.setattr(db, "active_silences", read_then_expire)
+    monkeypatch.setattr(silence_db, "active_silences", read_then_expire)
     alerter.tick()
-    monkeypatch.setattr(db, "active_silences", active)
+    monkeypatch.setattr(silence_db, "active_silences", active)
     advance_to(alerter, clock, 60, step=1)
 
     assert raced

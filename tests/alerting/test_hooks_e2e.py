@@ -39,6 +39,7 @@ import yaml
 from runwatch.alerting.tokens import ForgedRequest, verify_webhook_signature
 from runwatch.collector.server import ServerThread
 from runwatch.collector.storage import alerts as db
+from runwatch.collector.storage import notifications as outbox_db
 from runwatch.settings import Settings
 from tests.alerting.fake_slack import FakeSlack, SlackRequest
 from tests.alerting.fake_smtp import Recorder, smtp_server
@@ -241,9 +242,9 @@ def transitions(collector: Collector, alert_id: int) -> list[tuple[str, str]]:
         ]
 
 
-def notifications(collector: Collector, alert_id: int) -> list[db.NotificationRecord]:
+def notifications(collector: Collector, alert_id: int) -> list[outbox_db.NotificationRecord]:
     with collector.store.read() as conn:
-        return db.notifications_of(conn, alert_id)
+        return outbox_db.notifications_of(conn, alert_id)
 
 
 def assert_firing(collector: Collector, alert_id: int) -> None:
