@@ -372,6 +372,3 @@ class AlertingConfig(_Strict):
     def is_quiet(self, severity: str, channel_type: str) -> bool:
         """True when alerts of ``severity`` must not go out through ``channel_type``."""
         return channel_type in self.quiet.get(severity, ())  # type: ignore[call-overload]
-
-    def channel_types(self) -> set[str]:
-        return {c.type for c in self.channels.values()}

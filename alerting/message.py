@@ -12,7 +12,6 @@ from typing import Literal
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 Event = Literal["firing", "escalated", "repeat", "acknowledged", "resolved"]
-EVENTS: tuple[Event, ...] = ("firing", "escalated", "repeat", "acknowledged", "resolved")
 STATE_EVENTS: tuple[Event, ...] = ("acknowledged", "resolved")
 """Events that report a change of state rather than ask for attention."""
 

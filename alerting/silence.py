@@ -11,8 +11,9 @@ import fnmatch
 from collections.abc import Mapping
 from typing import Any
 
-GLOB_FIELDS = ("run", "kind", "key", "severity")
-FIELDS = (*GLOB_FIELDS, "run_id")
+FIELDS = ("run", "run_id", "kind", "key", "severity")
+"""What a matcher may name: run (a glob on the run's name), run_id (exact), kind, key and
+severity (globs). Stdlib only, so that the CLI of a trainer-side install can check too."""
 
 
 def silence_matches(

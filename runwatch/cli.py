@@ -21,6 +21,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from runwatch.alerting.silence import FIELDS as SILENCE_FIELDS
 from runwatch.client import Client, ClientError
 from runwatch.wire import COMMAND_TYPES
 
@@ -595,8 +596,6 @@ def commands_cancel(command_id: int, server: str | None, api_key: str | None) ->
 # -- alerts -----------------------------------------------------------------------
 ALERT_STATES = ("firing", "acknowledged", "resolved")
 SEVERITIES = ("info", "warning", "critical")
-SILENCE_FIELDS = ("run", "run_id", "kind", "key", "severity")
-"""What ``--match`` may name (the server's ``SILENCE_FIELDS``; the CLI has no server deps)."""
 
 
 class BadInput(click.ClickException):

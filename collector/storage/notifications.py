@@ -22,9 +22,6 @@ from runwatch.collector.storage.tables import (
     webhook_receipts,
 )
 
-NOTIFICATION_STATES = ("pending", "sending", "sent", "failed", "cancelled")
-
-
 ATTENTION_EVENTS = ("firing", "escalated", "repeat")
 
 

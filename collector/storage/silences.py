@@ -12,9 +12,6 @@ from runwatch.collector.errors import Conflict, NotFound
 from runwatch.collector.storage.sql import chunks
 from runwatch.collector.storage.tables import silences
 
-SILENCE_FIELDS = ("run", "run_id", "kind", "key", "severity")
-"""What a silence's matchers may name: run (name glob), run_id (exact), kind, key, severity."""
-
 
 @dataclass(frozen=True, slots=True)
 class SilenceRecord:
