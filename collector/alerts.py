@@ -37,7 +37,7 @@ from sqlalchemy.exc import DBAPIError
 from runwatch.alerting.config import AlertingConfig
 from runwatch.alerting.escalation import Timer, after_step, event_of, rebased
 from runwatch.alerting.notifiers.base import Notifier
-from runwatch.alerting.silence import check_matchers, silence_matches
+from runwatch.alerting.silence import check_matchers
 from runwatch.collector.alert_intake import SYSTEM, Intake, Signal
 from runwatch.collector.delivery import Deliverer
 from runwatch.collector.errors import Conflict, InvalidInput, NotFound
@@ -227,19 +227,7 @@ class Alerter:
             )
             self._set_timer(conn, alert, None, now=alert.notified_at, silenced_by=None)
             return
-        holding = [
-            s
-            for s in silences
-            if s.project_id == alert.project_id
-            and silence_matches(
-                s.matchers,
-                run=alert.run_name,
-                run_id=alert.run_id,
-                kind=alert.kind,
-                key=alert.key,
-                severity=alert.severity,
-            )
-        ]
+        holding = silence_db.holding(silences, alert)
         timer = Timer(alert.esc_round, alert.esc_step, alert.base_at, alert.next_at)
         if holding:
             longest = max(holding, key=lambda s: s.ends_at)

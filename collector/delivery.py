@@ -29,7 +29,6 @@ from runwatch.alerting.config import AlertingConfig
 from runwatch.alerting.message import STATE_EVENTS, Message
 from runwatch.alerting.notifiers.base import DeliveryError, Notifier
 from runwatch.alerting.retry import TokenBucket, backoff
-from runwatch.alerting.silence import silence_matches
 from runwatch.alerting.tokens import AckToken, sign_ack
 from runwatch.collector.storage import alerts as db
 from runwatch.collector.storage import notifications as outbox_db
@@ -236,21 +235,7 @@ class Deliverer:
             if attention:
                 silences = silence_db.active_silences(conn, {a.project_id for a in found}, now)
                 found = [
-                    a
-                    for a in found
-                    if a.state == "firing"
-                    and not any(
-                        s.project_id == a.project_id
-                        and silence_matches(
-                            s.matchers,
-                            run=a.run_name,
-                            run_id=a.run_id,
-                            kind=a.kind,
-                            key=a.key,
-                            severity=a.severity,
-                        )
-                        for s in silences
-                    )
+                    a for a in found if a.state == "firing" and not silence_db.holding(silences, a)
                 ]
             else:  # told only about alerts this target was paged about (a page sent)
                 paged = outbox_db.paged_alerts(conn, [a.id for a in found], n.channel, n.target)

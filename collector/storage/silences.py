@@ -8,7 +8,9 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
+from runwatch.alerting.silence import silence_matches
 from runwatch.collector.errors import Conflict, NotFound
+from runwatch.collector.storage.alerts import AlertRecord
 from runwatch.collector.storage.sql import chunks
 from runwatch.collector.storage.tables import silences
 
@@ -124,3 +126,20 @@ def expire_silence(
         .values(ends_at=max(now, found.starts_at), expired_by=by)
     )
     return get_silence(conn, silence_id)
+
+
+def holding(silences: Iterable[SilenceRecord], alert: AlertRecord) -> list[SilenceRecord]:
+    """The silences among ``silences`` (read as active) that hold ``alert``'s messages back."""
+    return [
+        s
+        for s in silences
+        if s.project_id == alert.project_id
+        and silence_matches(
+            s.matchers,
+            run=alert.run_name,
+            run_id=alert.run_id,
+            kind=alert.kind,
+            key=alert.key,
+            severity=alert.severity,
+        )
+    ]
