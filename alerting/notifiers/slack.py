@@ -102,13 +102,17 @@ class SlackNotifier:
 
     def _send_page(self, message: Message, target: str, thread: tuple[str, str] | None) -> str:
         blocks = [*summary_blocks(message), actions_block(message)]
-        kwargs: dict[str, Any] = {}
-        channel = target
-        if thread is not None:
-            # The reply goes where the first message is, which is also how Slack knows it
-            # by id when the target is a #name.
-            channel, kwargs["thread_ts"] = thread
-            kwargs["reply_broadcast"] = True
+        if thread is None:
+            return self._post(target, target, message, blocks)
+        # The reply goes where the first message is, which is also how Slack knows it by id
+        # when the target is a #name.
+        channel, ts = thread
+        return self._post(target, channel, message, blocks, thread_ts=ts, reply_broadcast=True)
+
+    def _post(
+        self, target: str, channel: str, message: Message, blocks: list[dict], **kwargs: Any
+    ) -> str:
+        """``chat.postMessage`` of ``message`` with ``blocks``; its ``"<channel_id>:<ts>"``."""
         resp = self._call(
             "chat.postMessage",
             target,
@@ -125,16 +129,7 @@ class SlackNotifier:
         note = state_note(message)
         blocks = [*summary_blocks(message), _context(escape(note))]
         if thread is None:
-            resp = self._call(
-                "chat.postMessage",
-                target,
-                channel=target,
-                text=escape(message.text),
-                blocks=blocks,
-                unfurl_links=False,
-                unfurl_media=False,
-            )
-            return f"{resp['channel']}:{resp['ts']}"
+            return self._post(target, target, message, blocks)
         channel, ts = thread
         # The rewrite is cosmetic: if the first message is gone, the reply still tells.
         self._call(

@@ -159,6 +159,10 @@ def _link_token(request: Request, text: str) -> AckToken:
     return read_ack(alerter.deliverer.secret, text, alerter.config.link_ttl, now=alerter.clock())
 
 
+def _unusable(exc: ForgedRequest) -> HTMLResponse:
+    return _page("This link cannot be used", f"<p>{html.escape(str(exc))}.</p>", 403)
+
+
 def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -179,7 +183,7 @@ async def ack_page(request: Request, token: Annotated[str, Query()] = "") -> HTM
     try:
         found = _link_token(request, token)
     except ForgedRequest as exc:
-        return _page("This link cannot be used", f"<p>{html.escape(str(exc))}.</p>", 403)
+        return _unusable(exc)
     alerter = _alerter(request)
 
     def read() -> list[db.AlertRecord]:
@@ -210,7 +214,7 @@ async def ack_link(request: Request, token: Annotated[str, Form()] = "") -> HTML
     try:
         found = _link_token(request, token)
     except ForgedRequest as exc:
-        return _page("This link cannot be used", f"<p>{html.escape(str(exc))}.</p>", 403)
+        return _unusable(exc)
     alerter = _alerter(request)
 
     def act() -> list[db.AlertRecord]:
