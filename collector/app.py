@@ -29,7 +29,6 @@ from runwatch.collector.limits import BodyLimit
 from runwatch.collector.notifiers import build_notifiers, link_secret
 from runwatch.collector.pipeline import DetectionPipeline
 from runwatch.collector.policy.engine import PolicyEngine
-from runwatch.collector.policy.model import policy_from_setting
 from runwatch.collector.routes import health, ingest
 from runwatch.collector.routes import runs as run_lifecycle
 from runwatch.collector.storage import migrate
@@ -51,7 +50,7 @@ SQLITE_CHECKPOINT_INTERVAL = 1.0
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; the database is migrated to the newest schema when it starts."""
     telemetry = Telemetry()
-    policy = policy_from_setting(settings.policy)  # checked by Settings: loads again here
+    policy = settings.loaded_policy
     alerting = AlertingConfig() if policy is None else policy.alerting
 
     @asynccontextmanager

@@ -9,10 +9,21 @@ import ipaddress
 import os
 import socket
 from functools import cached_property
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from runwatch.collector.policy.model import Policy
 
 DEFAULT_DB_URL = "sqlite:///./runwatch.db"
 MIN_SECRET_LENGTH = 32
@@ -22,6 +33,7 @@ class Settings(BaseSettings):
     """Everything the collector needs to start. Bad values fail at start-up, not later."""
 
     model_config = SettingsConfigDict(env_prefix="RUNWATCH_", extra="ignore")
+    _loaded_policy: Policy | None = PrivateAttr(default=None)
 
     db: str = Field(DEFAULT_DB_URL, description="SQLAlchemy URL of the database.")
     host: str = Field("127.0.0.1", description="Address to bind.")
@@ -187,12 +199,17 @@ class Settings(BaseSettings):
         return value.rstrip("/") + ("/" if info.field_name == "slack_api_url" else "")
 
     @model_validator(mode="after")
-    def _channels_configured(self) -> Settings:
-        """Every channel type the alerting configuration uses has what it needs to send."""
+    def _usable_policy(self) -> Settings:
+        """The policy file loads (read once, here: :attr:`loaded_policy`), and every channel
+        type its alerting uses has what it needs to send."""
         from runwatch.alerting.config import WebhookChannel
-        from runwatch.collector.policy.model import policy_from_setting
+        from runwatch.collector.policy.model import PolicyError, policy_from_setting
 
-        policy = policy_from_setting(self.policy)
+        try:
+            policy = policy_from_setting(self.policy)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from None
+        self._loaded_policy = policy
         if policy is None:
             return self
         missing = []
@@ -223,17 +240,6 @@ class Settings(BaseSettings):
             raise ValueError("alert channels need settings: " + "; ".join(missing))
         return self
 
-    @field_validator("policy")
-    @classmethod
-    def _usable_policy(cls, value: str) -> str:
-        from runwatch.collector.policy.model import PolicyError, policy_from_setting
-
-        try:
-            policy_from_setting(value)
-        except PolicyError as exc:
-            raise ValueError(str(exc)) from None
-        return value
-
     @field_validator("db")
     @classmethod
     def _db_is_a_url(cls, value: str) -> str:
@@ -257,6 +263,11 @@ class Settings(BaseSettings):
         if value.lower() not in levels:
             raise ValueError(f"log_level must be one of {', '.join(levels)}")
         return value.lower()
+
+    @property
+    def loaded_policy(self) -> Policy | None:
+        """The policy ``policy`` names, as loaded when these settings were made (None: off)."""
+        return self._loaded_policy
 
     @cached_property
     def is_loopback(self) -> bool:
