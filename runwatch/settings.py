@@ -32,7 +32,10 @@ MIN_SECRET_LENGTH = 32
 class Settings(BaseSettings):
     """Everything the collector needs to start. Bad values fail at start-up, not later."""
 
-    model_config = SettingsConfigDict(env_prefix="RUNWATCH_", extra="ignore")
+    # Errors name the setting and the problem, never the values: the input holds secrets.
+    model_config = SettingsConfigDict(
+        env_prefix="RUNWATCH_", extra="ignore", hide_input_in_errors=True
+    )
     _loaded_policy: Policy | None = PrivateAttr(default=None)
 
     db: str = Field(DEFAULT_DB_URL, description="SQLAlchemy URL of the database.")

@@ -421,3 +421,17 @@ def test_provider_api_urls_are_checked_with_the_settings(tmp_path: Path) -> None
         Settings(**twilio, twilio_api_url="ftp://proxy.example.com")
     with pytest.raises(ValidationError):
         Settings(slack_api_url="not a url")
+
+
+def test_a_settings_error_names_the_problem_without_echoing_secrets(tmp_path: Path) -> None:
+    """A model-wide check (the policy, the channels' settings) used to print every input,
+    secrets included, in the ValidationError a server's start-up logs."""
+    with pytest.raises(ValidationError) as raised:
+        Settings(
+            policy=str(tmp_path / "missing.yaml"),
+            slack_bot_token="xoxb-not-to-be-seen",
+            smtp_password="pw-not-to-be-seen",
+        )
+    text = str(raised.value)
+    assert "cannot read it" in text
+    assert "not-to-be-seen" not in text
