@@ -8,11 +8,13 @@ sets it). Without it the PostgreSQL cases are skipped, except under CI
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -27,6 +29,19 @@ from runwatch.db import make_engine, metadata
 from runwatch.settings import Settings
 
 POSTGRES_ENV = "RUNWATCH_TEST_POSTGRES_URL"
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], what: str = "the condition", timeout: float = 15.0) -> T:
+    """``probe()``'s first truthy value, polled every 50 ms; a test failure after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = probe()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout:g} s for {what}")
+        time.sleep(0.05)
 
 
 def _postgres_base_url() -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,3 +123,22 @@ ESCALATION = {
     "resolve_after": "never",
 }
 """The issue's example policy: Slack, after 5 min a text, after 15 a call, after 30 the manager."""
+
+
+def notifiers(clock: Clock, *names: str) -> dict[str, RecordingNotifier]:
+    return {name: RecordingNotifier(clock) for name in names}
+
+
+def config(**changes: Any) -> dict[str, Any]:
+    """:data:`ESCALATION` with top-level ``changes``."""
+    found = copy.deepcopy(ESCALATION)
+    found.update(changes)
+    return found
+
+
+def advance_to(alerter: Alerter, clock: Clock, seconds: float, step: float = 10.0) -> None:
+    """Move the clock ``seconds`` ahead in ``step`` hops, running the dispatcher at each."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.advance(min(step, end - clock.now))
+        alerter.run_once()

@@ -3,9 +3,6 @@ retries, restarts and floods, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import copy
-from typing import Any
-
 import pytest
 from sqlalchemy import func, select
 
@@ -16,33 +13,16 @@ from runwatch.collector.storage import silences as silence_db
 from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.tables import notifications
 from tests.alerting.dispatch_fixtures import (
-    ESCALATION,
     Clock,
-    RecordingNotifier,
+    advance_to,
+    config,
     make_alerter,
     make_run,
+    notifiers,
     signal,
 )
 
 MIN = 60.0
-
-
-def notifiers(clock: Clock, *names: str) -> dict[str, RecordingNotifier]:
-    return {name: RecordingNotifier(clock) for name in names}
-
-
-def config(**changes: Any) -> dict[str, Any]:
-    found = copy.deepcopy(ESCALATION)
-    found.update(changes)
-    return found
-
-
-def advance_to(alerter: Any, clock: Clock, seconds: float, step: float = 10.0) -> None:
-    """Move the clock ``seconds`` ahead in ``step`` hops, running the dispatcher at each."""
-    end = clock.now + seconds
-    while clock.now < end:
-        clock.advance(min(step, end - clock.now))
-        alerter.run_once()
 
 
 def test_an_unacknowledged_alert_escalates_step_by_step_on_time(store: Store) -> None:

@@ -8,7 +8,6 @@ and the nested write would deadlock).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
@@ -18,32 +17,16 @@ from runwatch.collector.storage import notifications as outbox_db
 from runwatch.collector.storage import silences as silence_db
 from runwatch.collector.storage.store import Store
 from tests.alerting.dispatch_fixtures import (
-    ESCALATION,
     Clock,
-    RecordingNotifier,
+    advance_to,
+    config,
     make_alerter,
     make_run,
+    notifiers,
     signal,
 )
 
 MIN = 60.0
-
-
-def notifiers(clock: Clock, *names: str) -> dict[str, RecordingNotifier]:
-    return {name: RecordingNotifier(clock) for name in names}
-
-
-def config(**changes: Any) -> dict[str, Any]:
-    found = copy.deepcopy(ESCALATION)
-    found.update(changes)
-    return found
-
-
-def advance_to(alerter: Any, clock: Clock, seconds: float, step: float = 10.0) -> None:
-    end = clock.now + seconds
-    while clock.now < end:
-        clock.advance(min(step, end - clock.now))
-        alerter.run_once()
 
 
 def pg_only(store: Store) -> None:

@@ -15,6 +15,7 @@ later step that must *not* happen is waited out for real; each test does so once
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import html
@@ -24,7 +25,7 @@ import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,7 +45,7 @@ from runwatch.settings import Settings
 from tests.alerting.fake_slack import FakeSlack, SlackRequest
 from tests.alerting.fake_smtp import Recorder, smtp_server
 from tests.alerting.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, FakeTwilio, sign
-from tests.conftest import Collector
+from tests.conftest import Collector, wait_for
 
 T = TypeVar("T")
 
@@ -59,6 +60,7 @@ WEBHOOK_PATH = "/services/T0001/B0001/s3cr3tPathT0ken"
 """Incoming-webhook URLs (Slack's, Discord's) carry a secret in their path, as this one does."""
 INTERACTIVITY = "/api/v1/hooks/slack/interactivity"
 DEADLINE = 10.0
+wait = functools.partial(wait_for, timeout=DEADLINE)
 
 
 # ---- a webhook receiver ------------------------------------------------------------------
@@ -202,17 +204,6 @@ def free_port() -> int:
 # ---- helpers ----------------------------------------------------------------------------------
 
 
-def wait_for(found: Callable[[], T | None], what: str, timeout: float = DEADLINE) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = found()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout:g} s for {what}")
-        time.sleep(0.05)
-
-
 def raise_alert(collector: Collector, run_name: str, kind: str, key: str = "") -> int:
     with collector.client() as client:
         run = client.create_run("llm", run_name)["id"]
@@ -333,7 +324,7 @@ def test_slack_buttons_acknowledge_and_resolve_and_refuse_forgeries(world: World
         raised_at = time.time()
         first = raise_alert(collector, "nightly-a", "divergence", "train/loss")
         second = raise_alert(collector, "nightly-b", "hang")
-        buttons = wait_for(
+        buttons = wait(
             lambda: (found := posted_buttons(world.slack)).keys() >= {first, second} and found,
             "both Slack messages",
         )
@@ -391,11 +382,11 @@ def test_slack_buttons_acknowledge_and_resolve_and_refuse_forgeries(world: World
         assert transitions(collector, first) == [("acknowledged", "slack:ana")]
 
         # The message loses its buttons and says who acknowledged; the thread says so too.
-        wait_for(lambda: world.slack.message(ack_ref).updates, "the Slack message's update")
+        wait(lambda: world.slack.message(ack_ref).updates, "the Slack message's update")
         shown = world.slack.message(ack_ref)
         assert not any(b["type"] == "actions" for b in shown.blocks or [])
         assert "Acknowledged by slack:ana" in context_texts(shown.blocks)
-        wait_for(lambda: shown.replies, "a reply in the thread")
+        wait(lambda: shown.replies, "a reply in the thread")
         update = world.slack.calls("chat.update")[0]
         assert (update.body["channel"], update.body["ts"]) == tuple(ack_ref.split(":"))
 
@@ -409,13 +400,13 @@ def test_slack_buttons_acknowledge_and_resolve_and_refuse_forgeries(world: World
             "slack:bo",
             None,
         )
-        wait_for(lambda: world.slack.message(resolve_ref).updates, "the second message's update")
+        wait(lambda: world.slack.message(resolve_ref).updates, "the second message's update")
         assert "Resolved by slack:bo" in context_texts(world.slack.message(resolve_ref).blocks)
 
         # The webhook was paged and then told, each call signed.
         expected = [("firing", [first]), ("firing", [second])]
         told = [("acknowledged", [first]), ("resolved", [second])]
-        wait_for(lambda: len(world.hook.calls) >= 4, "four webhook calls")
+        wait(lambda: len(world.hook.calls) >= 4, "four webhook calls")
         assert sorted(world.hook.events()) == sorted(expected + told)
         for call in world.hook.calls:
             verify_webhook_signature(
@@ -494,14 +485,14 @@ def test_phone_keypress_acknowledges_and_refuses_forgeries(world: World) -> None
         raised_at = time.time()
         alert_id = raise_alert(collector, "nightly", "loss_spike", "train/loss")
         other = raise_alert(collector, "other-run", "hang")
-        calls = wait_for(lambda: len(world.twilio.calls) >= 2 and world.twilio.calls, "two calls")
+        calls = wait(lambda: len(world.twilio.calls) >= 2 and world.twilio.calls, "two calls")
         assert all(c.form["To"] == PHONE and c.form["From"] == FROM_NUMBER for c in calls)
 
         def sid() -> str | None:
             sent = [n for n in notifications(collector, alert_id) if n.state == "sent"]
             return sent[0].provider_ref if sent else None
 
-        call_sid = wait_for(sid, "the call's SID")  # Twilio posts the keypress with it
+        call_sid = wait(sid, "the call's SID")  # Twilio posts the keypress with it
         assert call_sid.startswith("CA")
         # Each run got its own call; this is the one about our alert.
         actions = [gather_action(c.form["Twiml"]) for c in calls]
@@ -571,7 +562,7 @@ def test_phone_keypress_acknowledges_and_refuses_forgeries(world: World) -> None
 
         # The text due at 3 s goes out for the other alert only.
         sleep_until(raised_at + 3.6)
-        (text,) = wait_for(lambda: world.twilio.messages, "the other alert's text")
+        (text,) = wait(lambda: world.twilio.messages, "the other alert's text")
         assert text.form["Body"].startswith("[CRITICAL] llm/other-run: hang")
         assert [n.channel for n in notifications(collector, alert_id)] == ["call"]
         assert sorted(n.channel for n in notifications(collector, other)) == ["call", "sms"]
@@ -627,7 +618,7 @@ def test_email_link_acknowledges_on_post_only(world: World) -> None:
     steps = [{"notify": ["email"]}, {"after": "4s", "notify": ["email"]}]
     with world.collector(steps, link_ttl="3s") as collector:
         alert_id = raise_alert(collector, "nightly", "divergence", "train/loss")
-        wait_for(lambda: world.mail.received, "the first e-mail")
+        wait(lambda: world.mail.received, "the first e-mail")
         first_came = time.monotonic()
         first_link = mail_link(world, 0)
         html_body = world.mail.parsed(0).get_body(("html",))
@@ -648,7 +639,7 @@ def test_email_link_acknowledges_on_post_only(world: World) -> None:
             assert_firing(collector, alert_id)
 
         # The escalation's second e-mail comes 4 s in; the first link expires after 3 s.
-        wait_for(lambda: len(world.mail.received) >= 2, "the second e-mail")
+        wait(lambda: len(world.mail.received) >= 2, "the second e-mail")
         time.sleep(max(0.0, first_came + 4.2 - time.monotonic()))  # however late it came
         response = post_token(collector, token)
         assert response.status_code == 403, response.text
@@ -677,7 +668,7 @@ def test_sms_link_acknowledges(world: World) -> None:
     with world.collector(steps) as collector:
         raised_at = time.time()
         alert_id = raise_alert(collector, "nightly", "nonfinite_loss", "train/loss")
-        (text,) = wait_for(lambda: world.twilio.messages, "the text message")
+        (text,) = wait(lambda: world.twilio.messages, "the text message")
         assert text.form["To"] == PHONE
         link = link_in(text.form["Body"], "ack")
 
@@ -705,7 +696,7 @@ def test_link_page_names_who_resolved(world: World) -> None:
     """A link used after its alert was resolved says so, and by whom it was resolved."""
     with world.collector([{"notify": ["email"]}]) as collector:
         alert_id = raise_alert(collector, "nightly", "divergence", "train/loss")
-        wait_for(lambda: world.mail.received, "the e-mail")
+        wait(lambda: world.mail.received, "the e-mail")
         token = open_link(collector, mail_link(world, 0))
         alerter = collector.thread.app.state.alerter
         alerter.acknowledge([alert_id], by="slack:ana", project_id=None)
@@ -724,7 +715,7 @@ def test_webhook_ack_link_does_not_spread_the_webhook_url(world: World) -> None:
     ``acknowledged_by``, the Slack thread, the deliveries' ``target``."""
     with world.collector([{"notify": ["hook", "slack"]}]) as collector:
         alert_id = raise_alert(collector, "nightly", "divergence", "train/loss")
-        (call,) = wait_for(lambda: world.hook.calls, "the webhook call")
+        (call,) = wait(lambda: world.hook.calls, "the webhook call")
         assert call.json["event"] == "firing"
         token = open_link(collector, call.json["ack_url"])
         response = post_token(collector, token)
@@ -733,7 +724,7 @@ def test_webhook_ack_link_does_not_spread_the_webhook_url(world: World) -> None:
         assert acked.state == "acknowledged"
         assert acked.acknowledged_by is not None
         assert acked.acknowledged_by.startswith("webhook:")
-        (update,) = wait_for(lambda: world.slack.calls("chat.update"), "the Slack update")
+        (update,) = wait(lambda: world.slack.calls("chat.update"), "the Slack update")
 
         secret = WEBHOOK_PATH.rsplit("/", 1)[-1]
         assert secret not in acked.acknowledged_by

@@ -6,16 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
 from runwatch.client import Client
-from tests.conftest import Collector, start_collector
+from tests.conftest import Collector, start_collector, wait_for
 
 STEPS = [
     {"notify": ["chat"]},
@@ -55,16 +54,6 @@ def channels(client: Client, alert_id: int) -> list[str]:
         for d in client.alert_deliveries(alert_id)
         if d["state"] == "sent" and d["event"] != "acknowledged"
     ]
-
-
-def wait_for(probe: Callable[[], Any], what: str, seconds: float = 15.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"no {what} after {seconds} s")
 
 
 def test_an_api_acknowledgement_stops_the_escalation(db_url: str, policy: str) -> None:

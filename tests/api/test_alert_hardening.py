@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from runwatch.cli import main
 from runwatch.collector.policy.model import PolicyError, parse_policy
 from runwatch.collector.server import ServerThread
 from runwatch.settings import Settings
-from tests.conftest import Collector
+from tests.conftest import Collector, wait_for
 
 SLACK_HOOK = "/api/v1/hooks/slack/interactivity"
 TWILIO_HOOK = "/api/v1/hooks/twilio/voice"
@@ -96,15 +96,6 @@ def deliveries(collector: Collector, alert_id: int) -> list[dict[str, Any]]:
     return reply.json()  # type: ignore[no-any-return]
 
 
-def wait_for(found: Callable[[], Any], timeout: float = 8.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = found()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
-
-
 def slack_signature(secret: bytes, timestamp: str, body: bytes) -> str:
     return "v0=" + hmac.new(secret, f"v0:{timestamp}:".encode() + body, hashlib.sha256).hexdigest()
 
@@ -167,7 +158,9 @@ def test_an_empty_secret_key_does_not_break_links_and_paging(db_url: str, tmp_pa
         assert page.status_code == 403, page.text
         alert_id = raise_alert(collector)
         sent = wait_for(
-            lambda: [d for d in deliveries(collector, alert_id) if d["state"] == "sent"]
+            lambda: [d for d in deliveries(collector, alert_id) if d["state"] == "sent"],
+            "the page",
+            timeout=8.0,
         )
         assert sent, deliveries(collector, alert_id)
 
@@ -246,7 +239,9 @@ def test_the_console_channel_does_not_log_acknowledge_tokens(db_url: str, tmp_pa
         )
         with running(settings) as collector:
             alert_id = raise_alert(collector)
-            assert wait_for(lambda: [r for r in records if f"#{alert_id}" in r]), records
+            assert wait_for(
+                lambda: [r for r in records if f"#{alert_id}" in r], "the log line", timeout=8.0
+            ), records
     finally:
         logger.removeHandler(handler)
     logged = "\n".join(records)
@@ -318,7 +313,11 @@ def test_one_unusable_webhook_does_not_stop_every_escalation(
         raise_alert(collector, "team-a")
         time.sleep(0.3)  # the broken step is due first
         other = raise_alert(collector, "team-b")
-        sent = wait_for(lambda: [d for d in deliveries(collector, other) if d["state"] == "sent"])
+        sent = wait_for(
+            lambda: [d for d in deliveries(collector, other) if d["state"] == "sent"],
+            "team-b's page",
+            timeout=8.0,
+        )
         assert sent, f"team-b's alert was never paged: {deliveries(collector, other)}"
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -19,45 +18,15 @@ import httpx
 import pytest
 
 from runwatch.client import Client, ClientError
-from runwatch.collector.storage.keys import create_key
-from tests.conftest import Collector, start_collector
+from tests.api.replies import key_acting_as, ok, refused
+from tests.conftest import Collector, start_collector, wait_for
 
 MISSING = 999_999
-
-
-def ok(reply: httpx.Response, status: int = 200) -> Any:
-    assert reply.status_code == status, (reply.request.method, reply.request.url, reply.text)
-    return reply.json()
-
-
-def refused(reply: httpx.Response, status: int, reason: str, fragment: str) -> None:
-    where = f"{reply.request.method} {reply.request.url.path}"
-    assert reply.status_code == status, (where, reply.text)
-    body = reply.json()
-    assert body["error"] == reason, (where, body)
-    assert fragment in body["detail"], (where, body)
-
-
-def add_key(collector: Collector, project: str, scope: str) -> tuple[str, str]:
-    """A key of ``project`` with ``scope``: its secret and the source it acts as."""
-    with collector.store.write() as conn:
-        secret, info = create_key(conn, project, [scope], name=f"{project}-{scope}")
-    return secret, f"api:{info.prefix}"
 
 
 def keyed(collector: Collector, secret: str) -> httpx.Client:
     headers = {"Authorization": f"Bearer {secret}"}
     return httpx.Client(base_url=collector.url, headers=headers, timeout=30)
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = condition()
-        if found:
-            return found
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -252,7 +221,7 @@ def test_keys_see_and_touch_only_their_project(keyed_collector: Collector) -> No
     with collector.client() as open_client:
         runs = {p: open_client.create_run(p, f"{p}-run")["id"] for p in ("alpha", "beta")}
         alerts = {p: open_client.raise_alert(runs[p], "hang")["id"] for p in ("alpha", "beta")}
-    keys = {(p, s): add_key(collector, p, s) for p in ("alpha", "beta") for s in SCOPES}
+    keys = {(p, s): key_acting_as(collector, p, s) for p in ("alpha", "beta") for s in SCOPES}
     alpha_alert, alpha_run = alerts["alpha"], runs["alpha"]
     before = ok(keyed(collector, keys["alpha", "read"][0]).get(f"/api/v1/alerts/{alpha_alert}"))
 
@@ -297,7 +266,7 @@ def test_each_route_needs_its_scope(keyed_collector: Collector) -> None:
     with collector.client() as open_client:
         run = open_client.create_run("alpha", "r")["id"]
         alert = open_client.raise_alert(run, "hang")["id"]
-    keys = {s: add_key(collector, "alpha", s) for s in (*SCOPES, "admin")}
+    keys = {s: key_acting_as(collector, "alpha", s) for s in (*SCOPES, "admin")}
     calls = {
         "list": ("read", "GET", "/api/v1/alerts", None),
         "get": ("read", "GET", f"/api/v1/alerts/{alert}", None),

@@ -33,6 +33,7 @@ from runwatch.collector.storage.store import Store
 from runwatch.collector.storage.tables import api_keys
 from runwatch.db import make_engine
 from runwatch.settings import Settings
+from tests.api.replies import ok, refused
 from tests.conftest import Collector, start_collector
 
 INGEST = "/api/v1/ingest"
@@ -83,20 +84,6 @@ def add_key(collector: Collector, project: str, scopes: list[str]) -> tuple[str,
 def revoke(collector: Collector, key_id: int) -> None:
     with collector.store.write() as conn:
         revoke_key(conn, key_id)
-
-
-def ok(reply: httpx.Response, status: int = 200) -> Any:
-    assert reply.status_code == status, (reply.request.url, reply.text)
-    return reply.json()
-
-
-def refused(reply: httpx.Response, status: int, reason: str, fragment: str) -> None:
-    where = f"{reply.request.method} {reply.request.url.path}"
-    assert reply.status_code == status, (where, reply.text)
-    body = reply.json()
-    assert set(body) == {"error", "detail"}, (where, body)
-    assert body["error"] == reason, (where, body)
-    assert fragment in body["detail"], (where, body)
 
 
 @pytest.fixture

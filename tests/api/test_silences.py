@@ -16,25 +16,12 @@ import httpx
 import pytest
 
 from runwatch.client import Client, ClientError
-from runwatch.collector.storage.keys import create_key
+from tests.api.replies import key_acting_as, ok, refused
 from tests.conftest import Collector, start_collector
 
 HOUR = 3600.0
 DAY = 86400.0
 MISSING = 999_999
-
-
-def ok(reply: httpx.Response, status: int = 200) -> Any:
-    assert reply.status_code == status, (reply.request.method, reply.request.url, reply.text)
-    return reply.json()
-
-
-def refused(reply: httpx.Response, status: int, reason: str, fragment: str) -> None:
-    where = f"{reply.request.method} {reply.request.url.path}"
-    assert reply.status_code == status, (where, reply.text)
-    body = reply.json()
-    assert body["error"] == reason, (where, body)
-    assert fragment in body["detail"], (where, body)
 
 
 @pytest.fixture
@@ -250,12 +237,6 @@ def keyed_collector(db_url: str) -> Iterator[Collector]:
     yield from start_collector(db_url, key_cache_seconds=0)
 
 
-def add_key(collector: Collector, project: str, scope: str) -> tuple[str, str]:
-    with collector.store.write() as conn:
-        secret, info = create_key(conn, project, [scope], name=f"{project}-{scope}")
-    return secret, f"api:{info.prefix}"
-
-
 def keyed(collector: Collector, secret: str) -> httpx.Client:
     headers = {"Authorization": f"Bearer {secret}"}
     return httpx.Client(base_url=collector.url, headers=headers, timeout=30)
@@ -266,8 +247,8 @@ def test_keys_make_silences_in_their_project_only(keyed_collector: Collector) ->
     with collector.client() as open_client:
         runs = {p: open_client.create_run(p, "r")["id"] for p in ("alpha", "beta")}
         beta_silence = open_client.create_silence({"kind": "x"}, duration="1h", project="beta")
-    alpha_operate, alpha_source = add_key(collector, "alpha", "operate")
-    alpha_read, _ = add_key(collector, "alpha", "read")
+    alpha_operate, alpha_source = key_acting_as(collector, "alpha", "operate")
+    alpha_read, _ = key_acting_as(collector, "alpha", "read")
     beta_id = beta_silence["id"]
     body = {"matchers": {"kind": "hang"}, "duration": "1h"}
 
@@ -311,7 +292,7 @@ def test_keys_make_silences_in_their_project_only(keyed_collector: Collector) ->
         )
         refused(http.post("/api/v1/silences", json=body), 403, "forbidden", "needs 'operate'")
         refused(http.delete(f"/api/v1/silences/{made['id']}"), 403, "forbidden", "needs 'operate'")
-    admin, _ = add_key(collector, "beta", "admin")
+    admin, _ = key_acting_as(collector, "beta", "admin")
     with keyed(collector, admin) as http:
         assert ok(http.get(f"/api/v1/silences/{beta_id}"))["state"] == "active"
         assert [s["id"] for s in ok(http.get("/api/v1/silences"))] == [beta_id]
