@@ -8,6 +8,7 @@ and the nested write would deadlock).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -357,3 +358,30 @@ def test_a_silence_expired_while_the_tick_holds_an_alert_does_not_keep_holding_i
 
     assert raced
     assert len(out["slack"].sent) == 1
+
+
+def test_one_alert_whose_step_raises_does_not_hold_back_the_others(
+    store: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step that raises (a bug, a channel the configuration checks let through) used to
+    roll the whole tick back: the broken alert stayed the most overdue and nobody was paged
+    any more. It is logged once and retried; the other due alerts are messaged."""
+    clock = Clock()
+    out = notifiers(clock, "slack", "sms", "call", "manager")
+    alerter = make_alerter(store, config(), clock, out)
+    broken, fine = make_run(store, "run-a"), make_run(store, "run-b")
+    real = silence_db.holding
+
+    def holding(silences: Any, alert: Any) -> Any:
+        if alert.run_id == broken:
+            raise ValueError("an unusable channel (test)")
+        return real(silences, alert)
+
+    monkeypatch.setattr(silence_db, "holding", holding)
+    alerter.intake([signal(broken), signal(fine)])
+    with caplog.at_level(logging.ERROR, logger="runwatch.collector.alerts"):
+        advance_to(alerter, clock, 60)
+
+    assert [a.run_id for s in out["slack"].sent for a in s.message.alerts] == [fine]
+    failed = [r for r in caplog.records if "its escalation step failed" in r.getMessage()]
+    assert len(failed) == 1
