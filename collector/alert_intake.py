@@ -50,6 +50,33 @@ class _Run:
     project: str
 
 
+class _Siblings:
+    """The open alerts of the signals' runs, by (run, escalation), as grouping sees them;
+    read on first need, since a batch of repeats (the usual case) needs none."""
+
+    def __init__(self, conn: Connection, run_ids: set[int]) -> None:
+        self._conn = conn
+        self._run_ids = run_ids
+        self._found: dict[tuple[int, str], list[Sibling]] | None = None
+
+    def of(self, run_id: int, escalation: str) -> list[Sibling]:
+        """The list itself: a new alert of the batch is appended to it."""
+        if self._found is None:
+            self._found = {}
+            for a in db.open_alerts_of_runs(self._conn, sorted(self._run_ids)):
+                if a.escalation is not None:
+                    self._found.setdefault((a.run_id, a.escalation), []).append(
+                        Sibling(
+                            a.esc_round,
+                            a.esc_step,
+                            a.next_at,
+                            a.notified_at,
+                            a.silenced_by is not None,
+                        )
+                    )
+        return self._found.setdefault((run_id, escalation), [])
+
+
 class Intake:
     """Records signals as alerts; called from any thread (each call is one transaction)."""
 
@@ -77,7 +104,7 @@ class Intake:
         with self.store.write() as conn:
             known = _runs(conn, {s.run_id for s in signals})
             existing = db.open_alerts_by_fingerprint(conn, list(grouped))
-            siblings = self._siblings(conn, {s.run_id for s in signals if s.run_id in known})
+            siblings = _Siblings(conn, {s.run_id for s in signals if s.run_id in known})
             for fp, group in grouped.items():
                 run = known.get(group[0].run_id)
                 if run is None:
@@ -90,26 +117,13 @@ class Intake:
         self.telemetry.alert_signals.inc(len(signals))
         return ids
 
-    def _siblings(
-        self, conn: Connection, run_ids: set[int]
-    ) -> dict[tuple[int, str], list[Sibling]]:
-        found: dict[tuple[int, str], list[Sibling]] = {}
-        for a in db.open_alerts_of_runs(conn, sorted(run_ids)):
-            if a.escalation is not None:
-                found.setdefault((a.run_id, a.escalation), []).append(
-                    Sibling(
-                        a.esc_round, a.esc_step, a.next_at, a.notified_at, a.silenced_by is not None
-                    )
-                )
-        return found
-
     def _refire(
         self,
         conn: Connection,
         alert: db.AlertRecord,
         run: _Run,
         group: list[Signal],
-        siblings: dict[tuple[int, str], list[Sibling]],
+        siblings: _Siblings,
         now: float,
     ) -> bool:
         """Count ``group`` into an open alert; False when it is not open any more."""
@@ -146,7 +160,7 @@ class Intake:
         alert: db.AlertRecord,
         run: _Run,
         severity: str,
-        siblings: dict[tuple[int, str], list[Sibling]],
+        siblings: _Siblings,
         now: float,
         values: dict[str, object],
     ) -> str | None:
@@ -161,7 +175,7 @@ class Intake:
         values |= {"route": route_name, "escalation": None, "next_at": None, "silenced_by": None}
         if name != NO_ESCALATION:
             escalation = self.config.escalations[name]
-            timer = first_timer(self.config, escalation, now, siblings.get((run.id, name), []))
+            timer = first_timer(self.config, escalation, now, siblings.of(run.id, name))
             values |= {
                 "escalation": name,
                 "esc_round": timer.esc_round,
@@ -169,7 +183,7 @@ class Intake:
                 "base_at": timer.base_at,
                 "next_at": timer.next_at,
             }
-            siblings.setdefault((run.id, name), []).append(Sibling(0, 0, timer.next_at, None))
+            siblings.of(run.id, name).append(Sibling(0, 0, timer.next_at, None))
         return f"{route_name}: escalation {alert.escalation or NO_ESCALATION} -> {name}"
 
     def _new(
@@ -178,7 +192,7 @@ class Intake:
         run: _Run,
         fp: str,
         group: list[Signal],
-        siblings: dict[tuple[int, str], list[Sibling]],
+        siblings: _Siblings,
         now: float,
     ) -> int:
         first, last = group[0], group[-1]
@@ -188,7 +202,7 @@ class Intake:
         escalation = None if name == NO_ESCALATION else self.config.escalations[name]
         timer = Timer(0, 0, None, None)
         if escalation is not None:
-            timer = first_timer(self.config, escalation, now, siblings.get((run.id, name), []))
+            timer = first_timer(self.config, escalation, now, siblings.of(run.id, name))
         steps = [s.step for s in group if s.step is not None]
         new = db.NewAlert(
             project_id=run.project_id,
@@ -221,7 +235,7 @@ class Intake:
                 raise
             return found.id
         if escalation is not None:
-            siblings.setdefault((run.id, name), []).append(Sibling(0, 0, timer.next_at, None))
+            siblings.of(run.id, name).append(Sibling(0, 0, timer.next_at, None))
         self.telemetry.alerts.labels(severity).inc()
         return alert_id
 

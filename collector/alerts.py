@@ -372,9 +372,9 @@ class Alerter:
                 if found[i].state in expect
                 and db.set_state(conn, i, to=to, by=by, now=now, expect=expect)
             ]
-            if changed:
-                self._tell(conn, db.get_alerts(conn, changed), to, now)
             result = db.get_alerts(conn, list(found))
+            if changed:
+                self._tell(conn, [a for a in result if a.id in changed], to, now)
         for a in result:
             if a.id in changed:
                 log.info("alert %d %s by %s", a.id, to, by)

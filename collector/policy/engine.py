@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, or_, select
 
+from runwatch.collector.alert_intake import Signal
 from runwatch.collector.alerts import Alerter
 from runwatch.collector.control import ControlChannel
 from runwatch.collector.errors import Conflict, NotFound
@@ -319,14 +320,19 @@ class PolicyEngine:
             self.telemetry.policy_actions.labels(rule, "alert", "logged").inc()
             return
         try:
-            self.alerter.raise_alert(
-                run_id=run.id,
-                kind=f"{SOURCE_PREFIX}{rule}",
-                key="" if cause is None else cause.anomaly.key,
-                severity=args["severity"],
-                summary=summary,
-                source=SOURCE_PREFIX + rule,
-                step=None if cause is None else cause.anomaly.step,
+            # intake, not raise_alert: the engine has no use for the stored alert read back.
+            self.alerter.intake(
+                [
+                    Signal(
+                        run_id=run.id,
+                        kind=f"{SOURCE_PREFIX}{rule}",
+                        key="" if cause is None else cause.anomaly.key,
+                        severity=args["severity"],
+                        summary=summary,
+                        source=SOURCE_PREFIX + rule,
+                        step=None if cause is None else cause.anomaly.step,
+                    )
+                ]
             )
         except Exception:
             self.telemetry.policy_actions.labels(rule, "alert", "error").inc()
